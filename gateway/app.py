@@ -1,0 +1,276 @@
+"""The aiohttp application: routes, middlewares and the life of the spool and
+delivery workers (``cleanup_ctx``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+
+from gateway import keys
+from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_document
+from gateway.config import Config
+from gateway.delivery import Delivery, Worker
+from gateway.events import BATCH_PATHS, PATH_TYPES
+from gateway.ingest import Ingest, Rejection, RequestRejected
+from gateway.metrics import Counters, registry_for, render
+from gateway.plugins import build
+from gateway.spool import SpoolFull, StorageFailed
+from gateway.spool.sqlite import SqliteSpool
+
+log = logging.getLogger("gateway")
+
+KINDS = frozenset(PATH_TYPES) | BATCH_PATHS
+ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+RETRY_AFTER = "5"
+OK = b"{}"
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(status: int, payload: object, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=_encode(payload), content_type="application/json", headers=headers)
+
+
+def _error_body(r: Rejection) -> dict[str, object]:
+    body: dict[str, object] = {"error": r.message, "reason": r.reason}
+    if r.field is not None:
+        body["field"] = r.field
+    if r.limit is not None:
+        body["limit"] = r.limit
+    return body
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The (decompressed) body, refused past ``limit`` bytes before or after
+    decompression: aiohttp inflates in bounded steps, so a gzip bomb stops here."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise RequestRejected(400, Rejection("encoding", f"Content-Encoding {encoding!r} is not supported "
+                                             "(gzip, deflate or none)", "Content-Encoding"))
+    size = request.content_length
+    if size is not None and size > limit:
+        raise RequestRejected(400, Rejection("size", f"request body is {size} bytes; the limit is {limit}",
+                                             "body", limit))
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise RequestRejected(400, Rejection(
+                    "size", f"request body is over {limit} bytes{' once decompressed' if encoding else ''}",
+                    "body", limit))
+            chunks.append(chunk)
+    except (HttpProcessingError, RequestPayloadError) as e:
+        cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
+        detail = getattr(cause, "message", "") or type(cause).__name__
+        raise RequestRejected(400, Rejection("encoding", f"the body could not be read as {encoding or 'sent'}: "
+                                             f"{str(detail).strip()}", "Content-Encoding")) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class Handlers:
+    """Request handlers, with what they use bound once."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.cfg = app[keys.CONFIG]
+        self.ingest = app[keys.INGEST]
+        self.counters = app[keys.COUNTERS]
+        self.cors = Cors(self.cfg)
+
+    async def calls(self, request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if kind not in KINDS:
+            raise web.HTTPNotFound(text=f"no endpoint /v1/{kind}")
+        counters = self.counters
+        strict = request.headers.get("X-Strict-Mode", "").strip().lower() in ("1", "true")
+        ingest = self.ingest
+        try:
+            body = await read_body(request, ingest.body_limit(kind))
+            prepared = ingest.prepare(kind, body, request.headers, request.remote)
+        except RequestRejected as e:
+            r = e.rejection
+            counters.bump(counters.rejected, r.reason)
+            unread = not request.content.is_eof()  # close rather than drain what is left
+            log.info("rejected %s request from %s: %s", request.path, request.remote, r.message)
+            resp = _json(e.status, _error_body(r)) if strict else web.Response(body=OK, content_type="application/json")
+            if unread:
+                resp.force_close()
+            return resp
+        source = prepared.source
+        request["source"] = source.name
+        strict = strict or source.strict
+        for r in prepared.rejections:
+            counters.bump(counters.rejected, r.reason)
+        for reason in prepared.dropped:
+            counters.bump(counters.dropped, reason)
+        if prepared.rejections:
+            log.info("rejected %d call(s) on %s from %s: %s", len(prepared.rejections), request.path,
+                     request.remote, prepared.rejections[0].message)
+        try:
+            await self.app[keys.SPOOL].append(source.name, prepared.rows)
+        except (SpoolFull, StorageFailed) as e:
+            counters.bump(counters.rejected, "overload", len(prepared.rows))
+            log.warning("503 for %d call(s): %s", len(prepared.rows), e)
+            return _json(503, {"error": f"the gateway cannot store calls right now: {e}", "reason": "overload"},
+                         {"Retry-After": RETRY_AFTER})
+        counters.bump(counters.accepted, source.name, len(prepared.rows))
+        if strict and prepared.rejections:
+            if kind in BATCH_PATHS:
+                n = len(prepared.rejections)
+                return _json(400, {
+                    "error": f"{n} call(s) of the batch were rejected; the others were stored",
+                    "reason": prepared.rejections[0].reason,
+                    "accepted": len(prepared.rows),
+                    "errors": [msgspec.to_builtins(r) for r in prepared.rejections]})
+            return _json(400, _error_body(prepared.rejections[0]))
+        return web.Response(body=OK, content_type="application/json")
+
+    async def sdk_metrics(self, request: web.Request) -> web.Response:
+        try:
+            await read_body(request, self.cfg.server.max_event_bytes)
+        except RequestRejected:
+            pass
+        self.counters.sdk_metrics += 1
+        return web.Response(body=OK, content_type="application/json")
+
+    def _settings(self, integration: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            key = request.match_info["write_key"]
+            source = self.ingest.keys.source_for(key)
+            if source is None:
+                return _json(404, {"error": "unknown write key"})
+            request["source"] = source.name
+            proto, host = public_base(request, self.cfg, self.ingest.proxies)
+            return _json(200, settings_document(integration, key, proto, host))
+        return handler
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json(200, {"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        spool = self.app.get(keys.SPOOL)
+        problems = []
+        if spool is None:
+            problems.append("spool not open")
+        else:
+            if not spool.has_room():
+                problems.append(f"spool full ({spool.bytes} of {spool.max_bytes} bytes)")
+            try:
+                async with asyncio.timeout(2.0):
+                    await spool.check_writable()
+            except (StorageFailed, asyncio.TimeoutError) as e:
+                problems.append(f"spool not writable: {e or 'timed out'}")
+        if problems:
+            return _json(503, {"status": "not ready", "problems": problems})
+        return _json(200, {"status": "ready"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=render(self.app[keys.REGISTRY]),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def setup_middlewares(app: web.Application, handlers: Handlers) -> None:
+    counters = handlers.counters
+    cors = handlers.cors
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        if request.method == "OPTIONS" and "Origin" in request.headers:
+            resp: web.StreamResponse = cors.preflight(request)
+        else:
+            try:
+                resp = await handler(request)
+            except web.HTTPException as e:
+                resp = e
+            except Exception:
+                log.exception("error on %s %s", request.method, request.path)
+                resp = _json(500, {"error": "internal error"})
+            origin = request.headers.get("Origin")
+            if origin:
+                resp.headers.update(cors.headers(origin, request.get("source")))
+        if endpoint == "/v1/{kind}":
+            endpoint = f"/v1/{request.match_info.get('kind', '')}" if request.match_info.get("kind") in KINDS \
+                else "unmatched"
+        counters.request(endpoint, resp.status)
+        return resp
+
+    app.middlewares.append(observe)
+
+
+def setup_routes(app: web.Application, handlers: Handlers) -> None:
+    r = app.router
+    r.add_post("/v1/m", handlers.sdk_metrics)
+    r.add_post("/v1/{kind}", handlers.calls)
+    r.add_get("/v1/projects/{write_key}/settings", handlers._settings(SEGMENT))
+    r.add_get("/customerio/v1/projects/{write_key}/settings", handlers._settings(CUSTOMERIO))
+    r.add_get("/health", handlers.health)
+    r.add_get("/ready", handlers.ready)
+    r.add_get("/metrics", handlers.metrics)
+    # Preflights are answered by the middleware; these routes let them match.
+    for path in ("/v1/{kind}", "/v1/projects/{write_key}/settings",
+                 "/customerio/v1/projects/{write_key}/settings"):
+        r.add_route("OPTIONS", path, handlers.health)
+
+
+def create_app(cfg: Config) -> web.Application:
+    """Build the app for a config; plugin objects are built here, once, so
+    a config error fails before the server binds its port."""
+    built = build(cfg)
+    app = web.Application(client_max_size=cfg.server.max_batch_bytes + 1)
+    app[keys.CONFIG] = cfg
+    app[keys.BUILT] = built
+    app[keys.INGEST] = Ingest(cfg, built.source_transforms)
+    app[keys.COUNTERS] = Counters()
+    handlers = Handlers(app)
+    setup_middlewares(app, handlers)
+    setup_routes(app, handlers)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _call_hook(results: list[object]) -> None:
+    for r in results:
+        if asyncio.iscoroutine(r) or isinstance(r, asyncio.Future):
+            await r
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[keys.CONFIG]
+    built = app[keys.BUILT]
+    counters = app[keys.COUNTERS]
+    spool = SqliteSpool(cfg.storage.path, int(cfg.storage.max_bytes))
+    spool.on_commit = counters.commit
+    await spool.open()
+    app[keys.SPOOL] = spool
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=64))
+    app[keys.HTTP] = http
+    workers = []
+    for dc, dest, transforms in built.destinations:
+        dest.http = http
+        workers.append(Worker(spool, dc, dest, transforms))
+    delivery = Delivery(spool, workers, cfg.storage.retention)
+    app[keys.DELIVERY] = delivery
+    app[keys.REGISTRY] = registry_for(counters, spool, workers)
+    await _call_hook(built.pm.hook.startup(app=app))
+    delivery.start()
+    try:
+        yield
+    finally:
+        await delivery.stop(cfg.server.shutdown_timeout)
+        await _call_hook(built.pm.hook.shutdown(app=app))
+        await http.close()
+        await spool.close()

@@ -1,0 +1,297 @@
+"""config.yaml as msgspec Structs.
+
+The YAML is parsed once into nodes so that an error can name the line of the
+key it is about; ``${VAR}`` and ``${VAR:-default}`` are expanded in scalar
+values (never in keys), and a value that is one whole reference is read again
+as YAML so that ``port: ${PORT:-8080}`` is still an integer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+         "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+         "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+         "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the key and line."""
+
+
+class ByteSize(int):
+    """A size written as ``65536``, ``64KiB``, ``10GiB`` or ``500KB``."""
+
+
+def parse_size(value: Any) -> ByteSize:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576 or 10GiB")
+    if isinstance(value, int):
+        return ByteSize(value)
+    m = SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 1048576 or 10GiB, got {value!r}")
+    return ByteSize(int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()]))
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is ByteSize:
+        return parse_size(obj)
+    raise NotImplementedError
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(Base):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_event_bytes: ByteSize = ByteSize(65536)
+    max_batch_bytes: ByteSize = ByteSize(1048576)
+    cors_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    #: peers whose X-Forwarded-For / -Host / -Proto are believed (IPs or CIDRs)
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    #: the URL SDKs reach the gateway at, for the settings documents
+    public_url: str | None = None
+    #: seconds SIGTERM waits for in-flight requests and sends
+    shutdown_timeout: float = 10.0
+    access_log: bool = False
+
+
+class StorageConfig(Base):
+    backend: Literal["sqlite"] = "sqlite"
+    path: str = "./data"
+    max_bytes: ByteSize = ByteSize(10 * 1024**3)
+    #: seconds a delivered call stays in the spool before it is removed
+    retention: float = 0.0
+
+
+class SourceConfig(Base):
+    name: str
+    write_keys: list[str]
+    strict: bool = False
+    #: browser origins allowed for this source; falls back to server.cors_origins
+    cors_origins: list[str] | None = None
+
+
+class TransformConfig(Base):
+    type: str
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class FilterConfig(Base):
+    types: list[str] | None = None
+    #: event names to include (track); None means every name
+    events: list[str] | None = None
+    exclude_events: list[str] = msgspec.field(default_factory=list)
+    sources: list[str] | None = None
+
+
+class RetryConfig(Base):
+    #: attempts before a call is dead-lettered
+    max_attempts: int = 10
+    #: seconds after the first failure before a call is dead-lettered
+    max_age: float = 6 * 3600.0
+    #: backoff: full jitter over min(cap, base * 2**attempt) seconds
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+
+
+class BatchConfig(Base):
+    #: None takes the destination type's own limit
+    max_calls: int | None = None
+    max_bytes: ByteSize | None = None
+    #: seconds a partial batch waits for more calls
+    max_wait: float = 0.05
+
+
+class RateLimitConfig(Base):
+    requests: float
+    per_seconds: float = 1.0
+
+
+class DestinationConfig(Base):
+    name: str
+    type: str
+    settings: dict[str, Any] = msgspec.field(default_factory=dict)
+    filter: FilterConfig = msgspec.field(default_factory=FilterConfig)
+    aliases: list[str] = msgspec.field(default_factory=list)
+    transforms: list[TransformConfig] = msgspec.field(default_factory=list)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
+    rate_limit: RateLimitConfig | None = None
+    #: batches in flight at once
+    concurrency: int = 4
+    #: seconds one send may take before it counts as a network error
+    timeout: float = 30.0
+    enabled: bool = True
+
+
+class Config(Base):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    sources: list[SourceConfig] = msgspec.field(default_factory=list)
+    transforms: list[TransformConfig] = msgspec.field(default_factory=list)
+    destinations: list[DestinationConfig] = msgspec.field(default_factory=list)
+    plugins: list[str] = msgspec.field(default_factory=list)
+
+
+def _expand(value: str, line: int, env: dict[str, str]) -> Any:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        got = env.get(name)
+        if got is None or (got == "" and default is not None):
+            if default is None:
+                raise ConfigError(f"line {line}: environment variable {name} is not set "
+                                  f"(write ${{{name}:-default}} to give a default)")
+            return default
+        return got
+
+    whole = ENV_REF.fullmatch(value)
+    out = ENV_REF.sub(sub, value)
+    if whole:
+        try:
+            parsed = yaml.safe_load(out) if out else out
+        except yaml.YAMLError:
+            return out
+        return parsed if isinstance(parsed, (int, float, bool, str)) else out
+    return out
+
+
+def _construct(node: yaml.Node, env: dict[str, str]) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for k, v in node.value:
+            key = _construct(k, {})
+            if key in out:
+                raise ConfigError(f"line {k.start_mark.line + 1}: duplicate key {key!r}")
+            out[key] = _construct(v, env)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, env) for v in node.value]
+    value = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), node)  # type: ignore[arg-type]
+    if node.tag == "tag:yaml.org,2002:str" and "${" in value:
+        return _expand(value, node.start_mark.line + 1, env)
+    loader = yaml.SafeLoader("")
+    return loader.construct_object(node, deep=True)
+
+
+_PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\.`([^`]*)`")
+
+
+def _line_of(root: yaml.Node | None, path: str, extra_key: str | None) -> int | None:
+    """The line of the node at msgspec's error path ``$.a.b[0]``."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    parts = [m.group(1) or m.group(3) or int(m.group(2)) for m in _PATH_PART.finditer(path[1:])]
+    if extra_key is not None:
+        parts.append(extra_key)
+    for part in parts:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            for k, v in node.value:
+                if k.value == part:
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def convert(data: Any, type_: type, root: yaml.Node | None = None, where: str = "") -> Any:
+    """msgspec.convert with an error that names the key, and its line when known."""
+    try:
+        return msgspec.convert(data, type_, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = re.search(r"at `(\$[^`]*)`", msg)
+        path = m.group(1) if m else "$"
+        unknown = re.match(r"Object contains unknown field `([^`]*)`", msg)
+        line = _line_of(root, path, unknown.group(1) if unknown else None)
+        key = path[1:].lstrip(".") if path != "$" else ""
+        if unknown:
+            key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            msg = f"unknown key {key!r}"
+        elif key:
+            msg = f"{key}: {msg.split(' - at ')[0]}"
+        prefix = f"line {line}: " if line else ""
+        raise ConfigError(f"{where}{prefix}{msg}") from None
+
+
+def loads(text: str, env: dict[str, str] | None = None) -> Config:
+    """Parse config text; relative paths in it are relative to the working directory."""
+    env = dict(os.environ) if env is None else env
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}") from None
+    data = _construct(root, env) if root is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping of keys to values")
+    cfg: Config = convert(data, Config, root)
+    check(cfg, root)
+    return cfg
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        return loads(text)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def check(cfg: Config, root: yaml.Node | None = None) -> None:
+    """Rules that types alone cannot say."""
+    def fail(path: str, msg: str) -> None:
+        line = _line_of(root, path, None)
+        raise ConfigError(f"{'line %d: ' % line if line else ''}{path[2:]}: {msg}")
+
+    seen: set[str] = set()
+    keys: set[str] = set()
+    for i, s in enumerate(cfg.sources):
+        if s.name in seen:
+            fail(f"$.sources[{i}].name", f"source name {s.name!r} is used twice")
+        seen.add(s.name)
+        if not s.write_keys:
+            fail(f"$.sources[{i}].write_keys", "a source needs at least one write key")
+        for k in s.write_keys:
+            if not k:
+                fail(f"$.sources[{i}].write_keys", "a write key may not be empty")
+            if k in keys:
+                fail(f"$.sources[{i}].write_keys", "a write key may belong to one source only")
+            keys.add(k)
+    names: set[str] = set()
+    for i, d in enumerate(cfg.destinations):
+        if d.name in names:
+            fail(f"$.destinations[{i}].name", f"destination name {d.name!r} is used twice")
+        names.add(d.name)
+        if d.concurrency < 1:
+            fail(f"$.destinations[{i}].concurrency", "must be at least 1")
+        for s in d.filter.sources or ():
+            if s not in seen:
+                fail(f"$.destinations[{i}].filter.sources", f"no source is named {s!r}")
+    if cfg.server.max_event_bytes > cfg.server.max_batch_bytes:
+        fail("$.server.max_event_bytes", "may not be larger than server.max_batch_bytes")

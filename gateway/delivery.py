@@ -1,0 +1,415 @@
+"""Delivery: one worker per destination reads the spool in order, routes,
+transforms, maps, batches and sends, and records every outcome.
+
+Workers share nothing but the spool, so a destination that is slow or down
+holds back neither ingest nor the others; its backlog waits on disk.  The
+read position only moves once every call before it is delivered, scheduled
+for a retry or dead-lettered, in one transaction: a crash at any instant
+re-sends (at least once), never skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any, Callable
+
+import msgspec
+
+from gateway.config import DestinationConfig, RetryConfig
+from gateway.destination import BODY_EXCERPT, Delivered, Destination, Failed, MappingError, Outcome, Paused, Retry, Transform
+from gateway.events import call_decoder
+from gateway.routing import Route
+from gateway.spool import Ack, DeadLetter, Pending, Record
+
+log = logging.getLogger(__name__)
+
+READ_WINDOW = 5000
+RETRY_POLL = 1.0
+PAUSE_MIN, PAUSE_MAX = 5.0, 300.0
+
+
+class Plan(msgspec.Struct):
+    """What one call becomes for one destination."""
+
+    payload: bytes | None = None
+    refused: str | None = None  # routing said no (not an error)
+    dropped: str | None = None  # a transform dropped it
+    error: str | None = None  # permanent: goes to the dead-letter store
+    call: dict[str, Any] | None = None
+
+
+class TokenBucket:
+    """At most ``rate`` requests per ``per`` seconds, with bursts of ``rate``."""
+
+    def __init__(self, rate: float, per: float) -> None:
+        self.capacity = max(1.0, rate)
+        self.fill = rate / per
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    async def take(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.fill)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.fill)
+
+
+def backoff(policy: RetryConfig, attempts: int) -> float:
+    """Exponential backoff with full jitter (AWS's "full jitter")."""
+    return random.uniform(0, min(policy.backoff_cap, policy.backoff_base * 2 ** max(0, attempts - 1)))
+
+
+class Item(msgspec.Struct):
+    """A call on its way out: a new record, or a retry of one."""
+
+    seq: int
+    source: str
+    data: bytes
+    payload: bytes
+    message_id: str
+    pending: Pending | None = None
+
+
+class Stats:
+    """Counters a worker keeps; metrics.py reads them (the core has no
+    dependency on the metrics library here)."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.retried = 0
+        self.dead: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+        self.paused = False
+        self.backlog = 0
+        self.retry_backlog = 0
+        self.oldest: float | None = None
+
+    def count(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+
+def reason_label(reason: str) -> str:
+    """A bounded label for metrics: the reason's first word or code."""
+    head = reason.split(":", 1)[0].split(" ", 1)[0]
+    return head[:40] or "unknown"
+
+
+class Worker:
+    """Delivers to one destination."""
+
+    def __init__(self, spool: Any, dc: DestinationConfig, dest: Destination, transforms: list[Transform]) -> None:
+        self.spool = spool
+        self.dc = dc
+        self.dest = dest
+        self.name = dc.name
+        self.transforms = transforms
+        self.route = Route([dc.name, *dc.aliases, *dest.aliases], dc.filter)
+        lim = dest.limits
+        self.max_calls = max(1, min(dc.batch.max_calls or lim.max_batch_calls, lim.max_batch_calls))
+        self.max_bytes = min(dc.batch.max_bytes or lim.max_batch_bytes, lim.max_batch_bytes)
+        self.max_call = min(lim.max_call_bytes, self.max_bytes - lim.batch_overhead)
+        self.overhead = lim.batch_overhead
+        rl = dc.rate_limit
+        self.bucket = TokenBucket(rl.requests, rl.per_seconds) if rl else TokenBucket(lim.rate_requests, lim.rate_period)
+        self.sem = asyncio.Semaphore(dc.concurrency)
+        self.stats = Stats()
+        self.hold_until = 0.0
+        self.pause_for = PAUSE_MIN
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+        self.position = 0
+        self.wakeup: asyncio.Event | None = None
+        self.on_alert: Callable[[str, str], None] = lambda name, reason: None
+
+    # -- planning (also used by `gateway explain`) -------------------------
+
+    def plan(self, data: bytes | dict[str, Any], source: str) -> Plan:
+        try:
+            call = call_decoder.decode(data) if isinstance(data, bytes) else data
+        except msgspec.DecodeError as e:  # only a damaged spool row could do this
+            return Plan(error=f"UNREADABLE: {e}")
+        refused = self.route.refuse(call, source)
+        if refused is not None:
+            return Plan(refused=refused, call=call)
+        for t in self.transforms:
+            out = t.apply(call)
+            if out is None:
+                return Plan(dropped=t.drop_reason, call=call)
+            call = out
+        try:
+            payload = self.dest.prepare(call)
+        except MappingError as e:
+            return Plan(error=f"{e.code}: {e.message}", call=call)
+        except Exception as e:  # noqa: BLE001 - a plugin bug must not stop the queue
+            log.exception("%s: prepare failed", self.name)
+            return Plan(error=f"MAPPING_FAILED: {type(e).__name__}: {e}", call=call)
+        if len(payload) > self.max_call:
+            return Plan(error=f"LIMIT_EXCEEDED: payload is {len(payload)} bytes; "
+                              f"the destination takes {self.max_call} a call", call=call)
+        return Plan(payload=payload, call=call)
+
+    # -- the loop ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.wakeup = self.spool.subscribe()
+        self.task = asyncio.create_task(self.run(), name=f"deliver:{self.name}")
+
+    async def stop(self, timeout: float) -> None:
+        """Finish in-flight sends within ``timeout``; what is cut off stays queued."""
+        self.stopping = True
+        if self.wakeup is not None:
+            self.wakeup.set()
+        if self.task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except asyncio.TimeoutError:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        except Exception:  # noqa: BLE001
+            log.exception("%s: worker failed", self.name)
+
+    async def run(self) -> None:
+        self.position = await self.spool.cursor(self.name)
+        last_retry_poll = 0.0
+        while not self.stopping:
+            try:
+                now = time.time()
+                if now < self.hold_until:
+                    await self._sleep(self.hold_until - now)
+                    continue
+                did = 0
+                if now - last_retry_poll >= RETRY_POLL:
+                    last_retry_poll = now
+                    due = await self.spool.due(self.name, now, READ_WINDOW)
+                    if due:
+                        did += await self._deliver_retries(due)
+                if self.stopping or time.time() < self.hold_until:
+                    continue
+                records = await self.spool.read(self.position, READ_WINDOW)
+                if records and len(records) < self.max_calls and self.dc.batch.max_wait > 0:
+                    # A partial batch: give more calls a moment to arrive.
+                    wait = records[0].received + self.dc.batch.max_wait - time.time()
+                    if wait > 0:
+                        await asyncio.sleep(min(wait, self.dc.batch.max_wait))
+                        records = await self.spool.read(self.position, READ_WINDOW)
+                if records:
+                    did += await self._deliver_records(records)
+                if not did:
+                    await self._sleep(RETRY_POLL)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - storage trouble: wait and go on
+                log.exception("%s: delivery step failed; trying again", self.name)
+                await self._sleep(1.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self.wakeup is not None
+        self.wakeup.clear()
+        try:
+            await asyncio.wait_for(self.wakeup.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    # -- one step ------------------------------------------------------------
+
+    async def _deliver_records(self, records: list[Record]) -> int:
+        ack = Ack(self.name, cursor=records[-1].seq)
+        items: list[Item] = []
+        now = time.time()
+        for r in records:
+            p = self.plan(r.data, r.source)
+            if p.payload is not None:
+                items.append(Item(r.seq, r.source, r.data, p.payload, _message_id(p.call)))
+            elif p.error is not None:
+                ack.dead.append(self._dead(r.seq, r.source, r.data, _message_id(p.call), p.error, None, "", 0, now))
+            else:
+                self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
+        await self._send_all(items, ack)
+        await self.spool.ack(ack)
+        self.position = records[-1].seq
+        return len(records)
+
+    async def _deliver_retries(self, due: list[Pending]) -> int:
+        ack = Ack(self.name)
+        items: list[Item] = []
+        now = time.time()
+        for pend in due:
+            p = self.plan(pend.data, pend.source)
+            if p.payload is not None:
+                items.append(Item(pend.seq, pend.source, pend.data, p.payload, _message_id(p.call), pend))
+                continue
+            ack.done.append(pend.seq)
+            if p.error is not None:
+                ack.dead.append(self._dead(pend.seq, pend.source, pend.data, _message_id(p.call), p.error,
+                                           None, "", pend.attempts, now))
+            else:
+                self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
+        await self._send_all(items, ack)
+        await self.spool.ack(ack)
+        return len(due)
+
+    def _batches(self, items: list[Item]) -> list[list[Item]]:
+        out: list[list[Item]] = []
+        cur: list[Item] = []
+        size = self.overhead
+        for it in items:
+            n = len(it.payload) + (1 if cur else 0)
+            if cur and (len(cur) >= self.max_calls or size + n > self.max_bytes):
+                out.append(cur)
+                cur, size, n = [], self.overhead, len(it.payload)
+            cur.append(it)
+            size += n
+        if cur:
+            out.append(cur)
+        return out
+
+    async def _send_all(self, items: list[Item], ack: Ack) -> None:
+        if not items:
+            return
+        results = await asyncio.gather(*(self._send(b) for b in self._batches(items)))
+        now = time.time()
+        for batch, outcomes in results:
+            for it, oc in zip(batch, outcomes):
+                self._record(it, oc, ack, now)
+
+    async def _send(self, batch: list[Item]) -> tuple[list[Item], list[Outcome | Paused]]:
+        async with self.sem:
+            if self.stopping and time.time() < self.hold_until:
+                pass
+            await self.bucket.take()
+            payloads = [it.payload for it in batch]
+            try:
+                async with asyncio.timeout(self.dc.timeout):
+                    outcomes: list[Outcome | Paused] = list(await self.dest.send(payloads))
+                if len(outcomes) != len(batch):
+                    raise RuntimeError(f"send returned {len(outcomes)} outcomes for {len(batch)} calls")
+                self.stats.count(self.stats.requests, "sent")
+                if self.stats.paused:
+                    self.stats.paused = False
+                    self.pause_for = PAUSE_MIN
+                    log.warning("%s: destination accepts calls again", self.name)
+            except Paused as p:
+                self._pause(p)
+                outcomes = [p] * len(batch)
+            except (asyncio.TimeoutError, OSError) as e:
+                self.stats.count(self.stats.requests, "network_error")
+                reason = f"network error: {type(e).__name__}: {e}".rstrip(": ")
+                outcomes = [Retry(reason)] * len(batch)
+            except Exception as e:  # noqa: BLE001 - aiohttp.ClientError and plugin bugs alike
+                self.stats.count(self.stats.requests, "error")
+                log.warning("%s: send failed: %s: %s", self.name, type(e).__name__, e)
+                outcomes = [Retry(f"send failed: {type(e).__name__}: {e}")] * len(batch)
+            return batch, outcomes
+
+    def _pause(self, p: Paused) -> None:
+        self.hold_until = time.time() + self.pause_for
+        if not self.stats.paused:
+            log.error("%s: destination paused (%s, HTTP %s): fix the destination's settings; "
+                      "calls stay queued and are retried every %.0fs at most",
+                      self.name, p.reason, p.status, PAUSE_MAX)
+            self.on_alert(self.name, p.reason)
+        self.stats.paused = True
+        self.pause_for = min(PAUSE_MAX, self.pause_for * 2)
+
+    def _record(self, it: Item, oc: Outcome | Paused, ack: Ack, now: float) -> None:
+        pend = it.pending
+        if isinstance(oc, Delivered):
+            self.stats.delivered += 1
+            if pend is not None:
+                ack.done.append(it.seq)
+            return
+        if isinstance(oc, Paused):
+            # Not the call's fault: keep it queued, uncounted, behind the pause.
+            ack.retry.append(Pending(it.seq, it.data, it.source, pend.attempts if pend else 0,
+                                     pend.first_failed if pend else now, self.hold_until,
+                                     oc.status, f"paused: {oc.reason}", oc.body[:BODY_EXCERPT]))
+            return
+        attempts = (pend.attempts if pend else 0) + 1
+        first = pend.first_failed if pend else now
+        if isinstance(oc, Retry):
+            policy = self.dc.retry
+            if attempts >= policy.max_attempts or now - first >= policy.max_age:
+                why = (f"gave up after {attempts} attempts over {now - first:.0f}s; last: {oc.reason}")
+                if pend is not None:
+                    ack.done.append(it.seq)
+                ack.dead.append(self._dead(it.seq, it.source, it.data, it.message_id, why, oc.status, oc.body,
+                                           attempts, now))
+                return
+            delay = backoff(policy, attempts)
+            if oc.retry_after is not None:
+                delay = max(delay, oc.retry_after)
+                self.hold_until = max(self.hold_until, now + oc.retry_after)
+            self.stats.retried += 1
+            ack.retry.append(Pending(it.seq, it.data, it.source, attempts, first, now + delay,
+                                     oc.status, oc.reason, oc.body[:BODY_EXCERPT]))
+            return
+        assert isinstance(oc, Failed)
+        if pend is not None:
+            ack.done.append(it.seq)
+        ack.dead.append(self._dead(it.seq, it.source, it.data, it.message_id, oc.reason, oc.status, oc.body,
+                                   attempts, now))
+
+    def _dead(self, seq: int, source: str, data: bytes, message_id: str, reason: str, status: int | None,
+              body: str, attempts: int, now: float) -> DeadLetter:
+        self.stats.count(self.stats.dead, reason_label(reason))
+        log.info("%s: dead letter %s: %s", self.name, message_id, reason)
+        return DeadLetter(0, self.name, seq, message_id, reason, status, body[:BODY_EXCERPT], attempts, now,
+                          source, data)
+
+
+def _message_id(call: dict[str, Any] | None) -> str:
+    mid = call.get("messageId") if call else None
+    return str(mid) if mid is not None else ""
+
+
+class Delivery:
+    """All workers of one app, plus the spool's housekeeping."""
+
+    def __init__(self, spool: Any, workers: list[Worker], retention: float) -> None:
+        self.spool = spool
+        self.workers = workers
+        self.retention = retention
+        self._purger: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        for w in self.workers:
+            if w.dc.enabled:
+                w.start()
+        self._purger = asyncio.create_task(self._purge_loop(), name="spool-purge")
+
+    async def _purge_loop(self) -> None:
+        names = [w.name for w in self.workers if w.dc.enabled]
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self.spool.purge(names, self.retention)
+                for w in self.workers:
+                    w.stats.backlog, w.stats.retry_backlog, w.stats.oldest = await self.spool.stats(w.name)
+            except Exception:  # noqa: BLE001
+                log.exception("spool housekeeping failed")
+
+    async def stop(self, timeout: float) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            try:
+                await self._purger
+            except asyncio.CancelledError:
+                pass
+        await asyncio.gather(*(w.stop(timeout) for w in self.workers))
+        for w in self.workers:
+            try:
+                await w.dest.close()
+            except Exception:  # noqa: BLE001
+                log.exception("%s: close failed", w.name)

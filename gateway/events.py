@@ -1,0 +1,52 @@
+"""The Pipelines calls as they arrive on the wire.
+
+Calls stay dicts from decode to spool: the Pipelines destination forwards
+calls as sent, so keys this gateway does not know (``channel``, ``version``,
+an SDK's own fields) must survive.  The batch envelope is a Struct, so a
+wrong shape is reported with its path; its calls are checked one by one, so
+one bad call never costs the others.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+CALL_TYPES: Final = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+
+#: path segment → call type (long and browser short forms)
+PATH_TYPES: Final = {
+    "identify": "identify", "i": "identify",
+    "track": "track", "t": "track",
+    "page": "page", "p": "page",
+    "screen": "screen", "s": "screen",
+    "group": "group", "g": "group",
+    "alias": "alias", "a": "alias",
+}
+BATCH_PATHS: Final = frozenset({"batch", "import", "b"})
+
+#: types that need userId or anonymousId (seeds/pipelines-vs-track-api.txt,
+#: "Required fields by request type")
+NEEDS_PERSON: Final = frozenset({"identify", "track", "page", "screen", "alias"})
+
+#: keys a client may send that are never stored or passed on
+STRIPPED_KEYS: Final = ("writeKey", "_metadata")
+
+#: keys that must be JSON objects when present
+OBJECT_KEYS: Final = ("context", "integrations", "properties", "traits")
+
+
+class BatchEnvelope(msgspec.Struct):
+    """``POST /v1/batch`` (and ``/v1/import``, ``/v1/b``)."""
+
+    batch: list[Any]
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sentAt: Any = None
+    writeKey: Any = None
+
+
+batch_decoder: Final = msgspec.json.Decoder(BatchEnvelope)
+call_decoder: Final = msgspec.json.Decoder(dict[str, Any])
+encoder: Final = msgspec.json.Encoder()

@@ -1,0 +1,118 @@
+"""The plugin manager: built-ins, entry points, and modules named in the config.
+
+A manager is built per app (never a module global), the registry hooks are
+called once, and the objects built from them are then called directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import aiohttp
+import msgspec
+import pluggy
+
+from gateway import hookspecs
+from gateway.config import Config, ConfigError, DestinationConfig, TransformConfig, convert
+from gateway.destination import Destination, Transform
+
+#: built-in plugins: ordinary plugin modules with exactly a third party's power
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.file",
+    "plugins.webhook",
+    "plugins.transforms",
+    "plugins.customerio_track",
+    "plugins.customerio_pipelines",
+)
+ENTRY_POINT_GROUP = "gateway"
+
+
+def make_manager(extra: list[str] | tuple[str, ...] = ()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("gateway")
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for name in extra:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"plugins: cannot import {name!r}: {e}") from None
+        if pm.is_registered(module):
+            continue
+        pm.register(module, name=name)
+    pm.check_pending()
+    return pm
+
+
+class Registry(msgspec.Struct):
+    """Types by their ``type`` string, and which plugin provided each."""
+
+    destinations: dict[str, type[Destination]]
+    transforms: dict[str, type[Transform]]
+    provider: dict[str, str]  # "destination:file" -> plugin name
+
+    def plugins(self, pm: pluggy.PluginManager) -> dict[str, list[str]]:
+        """Plugin name -> what it provides, for ``gateway check``."""
+        out: dict[str, list[str]] = {pm.get_name(p) or repr(p): [] for p in pm.get_plugins()}
+        for key, plugin in sorted(self.provider.items()):
+            out.setdefault(plugin, []).append(key)
+        return out
+
+
+def build_registry(pm: pluggy.PluginManager) -> Registry:
+    reg = Registry({}, {}, {})
+    for kind, hook, table in (("destination", pm.hook.register_destinations, reg.destinations),
+                              ("transform", pm.hook.register_transforms, reg.transforms)):
+        for impl in hook.get_hookimpls():
+            plugin_name = impl.plugin_name
+            for cls in impl.function() or ():
+                key = f"{kind}:{cls.type}"
+                if key in reg.provider:
+                    raise ConfigError(f"{kind} type {cls.type!r} is provided twice: by "
+                                      f"{reg.provider[key]} and by {plugin_name}")
+                table[cls.type] = cls
+                reg.provider[key] = plugin_name
+    return reg
+
+
+def build_transform(reg: Registry, tc: TransformConfig, where: str) -> Transform:
+    cls = reg.transforms.get(tc.type)
+    if cls is None:
+        raise ConfigError(f"{where}.type: unknown transform type {tc.type!r} "
+                          f"(known: {', '.join(sorted(reg.transforms))})")
+    settings = convert(tc.settings, cls.Settings, where=f"{where}.settings: ")
+    return cls(settings)
+
+
+def build_destination(reg: Registry, dc: DestinationConfig, where: str,
+                      http: aiohttp.ClientSession | None) -> Destination:
+    cls = reg.destinations.get(dc.type)
+    if cls is None:
+        raise ConfigError(f"{where}.type: unknown destination type {dc.type!r} "
+                          f"(known: {', '.join(sorted(reg.destinations))})")
+    settings = convert(dc.settings, cls.Settings, where=f"{where} ({dc.name}).settings: ")
+    return cls(dc.name, settings, http)
+
+
+class Built(msgspec.Struct):
+    """Everything the config asks plugins for, built and ready to call."""
+
+    pm: Any
+    registry: Registry
+    source_transforms: list[Transform]
+    destinations: list[tuple[DestinationConfig, Destination, list[Transform]]]
+
+
+def build(cfg: Config, http: aiohttp.ClientSession | None = None) -> Built:
+    """Build plugin objects for a config; raises ConfigError naming the key."""
+    pm = make_manager(cfg.plugins)
+    reg = build_registry(pm)
+    src = [build_transform(reg, t, f"transforms[{i}]") for i, t in enumerate(cfg.transforms)]
+    dests = []
+    for i, dc in enumerate(cfg.destinations):
+        dest = build_destination(reg, dc, f"destinations[{i}]", http)
+        dts = [build_transform(reg, t, f"destinations[{i}].transforms[{j}]") for j, t in enumerate(dc.transforms)]
+        dests.append((dc, dest, dts))
+    return Built(pm, reg, src, dests)

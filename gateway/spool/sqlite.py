@@ -1,0 +1,396 @@
+"""The embedded spool: one SQLite file in WAL mode, fsync'd on every commit.
+
+One writer thread owns the write connection.  It takes every job queued while
+it was busy, runs them in one transaction and commits once (group commit), so
+a hundred concurrent requests cost one fsync.  Reads use a second connection
+on a reader thread; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from gateway.spool import Ack, DeadLetter, Pending, Record, SpoolFull, StorageFailed
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    received REAL NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    destination TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS retries (
+    destination TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    data BLOB NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_failed REAL NOT NULL,
+    next_at REAL NOT NULL,
+    status INTEGER,
+    reason TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (destination, seq)
+);
+CREATE INDEX IF NOT EXISTS retries_due ON retries (destination, next_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    status INTEGER,
+    body TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    at REAL NOT NULL,
+    source TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_by_destination ON dead_letters (destination, id);
+CREATE INDEX IF NOT EXISTS dead_by_message ON dead_letters (message_id);
+"""
+
+Job = Callable[[sqlite3.Connection], Any]
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout=30000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsync'd at every commit, so a 200 survives power loss.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(SCHEMA)
+    return conn
+
+
+def _dead_from_row(row: tuple[Any, ...]) -> DeadLetter:
+    return DeadLetter(*row)
+
+
+DEAD_COLUMNS = "id, destination, seq, message_id, reason, status, body, attempts, at, source, data"
+
+
+class SqliteSpool:
+    """The spool backend used by default (``storage.backend: sqlite``)."""
+
+    def __init__(self, path: str | Path, max_bytes: int) -> None:
+        self.dir = Path(path)
+        self.file = self.dir / "spool.sqlite3"
+        self.max_bytes = max_bytes
+        self.bytes = 0  # bytes of stored calls, pending appends included
+        self.rows = 0  # calls stored
+        self.last_seq = 0
+        #: called with each group commit's duration (metrics)
+        self.on_commit: Callable[[float], None] = lambda seconds: None
+        self.failed: BaseException | None = None
+        self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[asyncio.Event] = []
+
+    # -- life cycle -------------------------------------------------------
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        wconn = connect(self.file)
+        self.rows, self.bytes = wconn.execute(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM events").fetchone()
+        self.last_seq = wconn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        self._rconn = connect(self.file, readonly=True)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
+        self._writer = threading.Thread(target=self._write_loop, args=(wconn,), name="spool-write", daemon=True)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    def subscribe(self) -> asyncio.Event:
+        """An event set whenever new calls are committed."""
+        ev = asyncio.Event()
+        self._listeners.append(ev)
+        return ev
+
+    # -- the writer -------------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                jobs = [first]
+                stop = False
+                while True:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    jobs.append(nxt)
+                self._run_group(conn, jobs)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection, jobs: list[tuple[Job, asyncio.Future[Any]]]) -> None:
+        started = time.perf_counter()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [job(conn) for job, _ in jobs]
+            conn.execute("COMMIT")
+            outcome: list[tuple[Any, BaseException | None]] = [(r, None) for r in results]
+        except Exception as exc:  # noqa: BLE001 - any storage error is a 503, never a 200
+            _rollback(conn)
+            if len(jobs) == 1:
+                outcome = [(None, exc)]
+            else:
+                # One job's failure must not fail its neighbours: run them one by one.
+                outcome = []
+                for job, _ in jobs:
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                        r = job(conn)
+                        conn.execute("COMMIT")
+                        outcome.append((r, None))
+                    except Exception as e:  # noqa: BLE001
+                        _rollback(conn)
+                        outcome.append((None, e))
+        last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        elapsed = time.perf_counter() - started
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._resolve, jobs, outcome, last, elapsed)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    def _resolve(self, jobs: list[tuple[Job, asyncio.Future[Any]]],
+                 outcome: list[tuple[Any, BaseException | None]], last: int, elapsed: float) -> None:
+        self.on_commit(elapsed)
+        for (_, fut), (result, exc) in zip(jobs, outcome):
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(StorageFailed(str(exc)) if not isinstance(exc, (SpoolFull, StorageFailed)) else exc)
+            else:
+                fut.set_result(result)
+        if last > self.last_seq:
+            self.last_seq = last
+            for ev in self._listeners:
+                ev.set()
+
+    def submit(self, job: Job) -> asyncio.Future[Any]:
+        """Run ``job(conn)`` inside the next group transaction."""
+        if self._writer is None or self._loop is None:
+            raise StorageFailed("the spool is not open")
+        fut = self._loop.create_future()
+        self._queue.put((job, fut))
+        return fut
+
+    # -- ingest -----------------------------------------------------------
+
+    def has_room(self) -> bool:
+        return self.bytes < self.max_bytes
+
+    async def append(self, source: str, rows: list[bytes]) -> None:
+        """Store calls; returns once they are committed and fsync'd."""
+        if not rows:
+            return
+        size = sum(map(len, rows))
+        if self.bytes + size > self.max_bytes:
+            raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
+        now = time.time()
+        params = [(source, now, r) for r in rows]
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT INTO events (source, received, data) VALUES (?, ?, ?)", params)
+
+        self.bytes += size
+        try:
+            await self.submit(job)
+        except BaseException:
+            self.bytes -= size
+            raise
+        self.rows += len(rows)
+
+    # -- delivery ---------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        assert self._reader is not None and self._rconn is not None
+        conn = self._rconn
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
+
+    async def cursor(self, destination: str) -> int:
+        """The destination's read position; a new destination starts at the end."""
+        def job(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT seq FROM cursors WHERE destination = ?", (destination,)).fetchone()
+            if row:
+                return int(row[0])
+            end = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            conn.execute("INSERT INTO cursors (destination, seq) VALUES (?, ?)", (destination, end))
+            return int(end)
+        return await self.submit(job)
+
+    async def read(self, after: int, limit: int) -> list[Record]:
+        def q(conn: sqlite3.Connection) -> list[Record]:
+            rows = conn.execute("SELECT seq, source, received, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (after, limit)).fetchall()
+            return [Record(*r) for r in rows]
+        return await self._read(q)
+
+    async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
+        skip = tuple(exclude)
+
+        def q(conn: sqlite3.Connection) -> list[Pending]:
+            rows = conn.execute(
+                "SELECT seq, data, source, attempts, first_failed, next_at, status, reason, body FROM retries "
+                "WHERE destination = ? AND next_at <= ? ORDER BY next_at, seq LIMIT ?",
+                (destination, now, limit + len(skip))).fetchall()
+            return [Pending(*r) for r in rows if r[0] not in skip][:limit]
+        return await self._read(q)
+
+    async def ack(self, ack: Ack) -> None:
+        await self.submit(lambda conn: apply_ack(conn, ack))
+
+    async def stats(self, destination: str) -> tuple[int, int, float | None]:
+        """(calls after the cursor, calls waiting for a retry, receive time of the oldest pending)."""
+        def q(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+            row = conn.execute("SELECT seq FROM cursors WHERE destination = ?", (destination,)).fetchone()
+            cur = row[0] if row else 0
+            last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            oldest = conn.execute("SELECT received FROM events WHERE seq > ? ORDER BY seq LIMIT 1", (cur,)).fetchone()
+            r = conn.execute("SELECT count(*), min(first_failed) FROM retries WHERE destination = ?",
+                             (destination,)).fetchone()
+            ages = [t for t in (oldest[0] if oldest else None, r[1]) if t is not None]
+            return max(0, last - cur), int(r[0]), (min(ages) if ages else None)
+        return await self._read(q)
+
+    async def purge(self, destinations: list[str], retention: float) -> int:
+        """Remove calls every destination has read past (and older than retention)."""
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            if destinations:
+                marks = ",".join("?" * len(destinations))
+                row = conn.execute(f"SELECT count(*), min(seq) FROM cursors WHERE destination IN ({marks})",
+                                   destinations).fetchone()
+                upto = row[1] if row[0] == len(destinations) else 0
+            else:
+                upto = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            if not upto:
+                return 0, 0
+            cutoff = time.time() - retention
+            got = conn.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM events "
+                               "WHERE seq <= ? AND received <= ?", (upto, cutoff)).fetchone()
+            if got[0]:
+                conn.execute("DELETE FROM events WHERE seq <= ? AND received <= ?", (upto, cutoff))
+            return int(got[0]), int(got[1])
+        n, size = await self.submit(job)
+        self.bytes -= size
+        self.rows -= n
+        return n
+
+    async def check_writable(self) -> None:
+        await self.submit(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
+def apply_ack(conn: sqlite3.Connection, ack: Ack) -> None:
+    d = ack.destination
+    if ack.cursor is not None:
+        conn.execute("INSERT INTO cursors (destination, seq) VALUES (?, ?) "
+                     "ON CONFLICT(destination) DO UPDATE SET seq = max(seq, excluded.seq)", (d, ack.cursor))
+    if ack.done:
+        conn.executemany("DELETE FROM retries WHERE destination = ? AND seq = ?", [(d, s) for s in ack.done])
+    if ack.retry:
+        conn.executemany(
+            "INSERT INTO retries (destination, seq, source, data, attempts, first_failed, next_at, status, reason, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(destination, seq) DO UPDATE SET "
+            "attempts = excluded.attempts, next_at = excluded.next_at, status = excluded.status, "
+            "reason = excluded.reason, body = excluded.body",
+            [(d, p.seq, p.source, p.data, p.attempts, p.first_failed, p.next_at, p.status, p.reason, p.body)
+             for p in ack.retry])
+    if ack.dead:
+        conn.executemany(
+            "INSERT INTO dead_letters (destination, seq, message_id, reason, status, body, attempts, at, source, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(d, x.seq, x.message_id, x.reason, x.status, x.body, x.attempts, x.at, x.source, x.data)
+             for x in ack.dead])
+
+
+class DeadLetterStore:
+    """The dead letters of a spool file, read and replayed by ``gateway dlq``
+    (also while a server runs: SQLite's locking keeps both honest)."""
+
+    def __init__(self, path: str | Path) -> None:
+        file = Path(path) / "spool.sqlite3"
+        if not file.exists():
+            raise FileNotFoundError(f"no spool at {file}")
+        self.conn = connect(file)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _where(self, destination: str | None, message_id: str | None) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if destination:
+            clauses.append("destination = ?")
+            args.append(destination)
+        if message_id:
+            clauses.append("message_id = ?")
+            args.append(message_id)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def list(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+        where, args = self._where(destination, message_id)
+        rows = self.conn.execute(f"SELECT {DEAD_COLUMNS} FROM dead_letters{where} ORDER BY id", args).fetchall()
+        return [_dead_from_row(r) for r in rows]
+
+    def replay(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+        """Put dead letters back in their destination's queue, due now."""
+        now = time.time()
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            letters = self.list(destination, message_id)
+            for x in letters:
+                apply_ack(self.conn, Ack(x.destination, retry=[
+                    Pending(x.seq, x.data, x.source, 0, now, now, x.status, f"replayed: {x.reason}", "")]))
+                self.conn.execute("DELETE FROM dead_letters WHERE id = ?", (x.id,))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            _rollback(self.conn)
+            raise
+        return letters

@@ -1,0 +1,1 @@
+"""PLACEHOLDER (to be replaced by the Customer.io destination work): registers nothing."""
