@@ -78,8 +78,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 class Handlers:
-    """Request handlers, with what they use bound once."""
+    """Request handlers, with what they use bound once.
+
+    There are no middlewares: the ingest handler is the hot path, so it
+    counts and answers CORS itself, and the others are wrapped by
+    ``observed``; aiohttp then pays nothing per request for them."""
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
@@ -88,16 +95,49 @@ class Handlers:
         self.counters = app[keys.COUNTERS]
         self.cors = Cors(self.cfg)
 
-    async def calls(self, request: web.Request) -> web.Response:
-        kind = request.match_info["kind"]
-        if kind not in KINDS:
-            raise web.HTTPNotFound(text=f"no endpoint /v1/{kind}")
+    def observed(self, endpoint: str, handler: Handler) -> Handler:
+        """Count the answer by endpoint and status; add CORS headers."""
+        counters, cors = self.counters, self.cors
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                resp = await handler(request)
+            except web.HTTPException as e:
+                resp = e
+            except Exception:
+                log.exception("error on %s %s", request.method, request.path)
+                resp = _json(500, {"error": "internal error"})
+            origin = request.headers.get("Origin")
+            if origin:
+                resp.headers.update(cors.headers(origin, request.get("source")))
+            counters.request(endpoint, resp.status)
+            return resp
+        return wrapped
+
+    def calls_for(self, kind: str) -> Handler:
+        endpoint = f"/v1/{kind}"
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            try:
+                resp = await self.calls(request, kind)
+            except Exception:
+                log.exception("error on POST %s", request.path)
+                resp = _json(500, {"error": "internal error"})
+            origin = request.headers.get("Origin")
+            if origin:
+                resp.headers.update(self.cors.headers(origin, request.get("source")))
+            self.counters.request(endpoint, resp.status)
+            return resp
+        return handler
+
+    async def calls(self, request: web.Request, kind: str) -> web.Response:
         counters = self.counters
-        strict = request.headers.get("X-Strict-Mode", "").strip().lower() in ("1", "true")
+        headers = request.headers
+        strict = headers.get("X-Strict-Mode", "").strip().lower() in ("1", "true")
         ingest = self.ingest
         try:
             body = await read_body(request, ingest.body_limit(kind))
-            prepared = ingest.prepare(kind, body, request.headers, request.remote)
+            prepared = ingest.prepare(kind, body, headers, request.remote)
         except RequestRejected as e:
             r = e.rejection
             counters.bump(counters.rejected, r.reason)
@@ -110,13 +150,13 @@ class Handlers:
         source = prepared.source
         request["source"] = source.name
         strict = strict or source.strict
-        for r in prepared.rejections:
-            counters.bump(counters.rejected, r.reason)
-        for reason in prepared.dropped:
-            counters.bump(counters.dropped, reason)
         if prepared.rejections:
+            for r in prepared.rejections:
+                counters.bump(counters.rejected, r.reason)
             log.info("rejected %d call(s) on %s from %s: %s", len(prepared.rejections), request.path,
                      request.remote, prepared.rejections[0].message)
+        for reason in prepared.dropped:
+            counters.bump(counters.dropped, reason)
         try:
             await self.app[keys.SPOOL].append(source.name, prepared.rows)
         except (SpoolFull, StorageFailed) as e:
@@ -144,7 +184,7 @@ class Handlers:
         self.counters.sdk_metrics += 1
         return web.Response(body=OK, content_type="application/json")
 
-    def _settings(self, integration: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def settings_for(self, integration: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
             key = request.match_info["write_key"]
             source = self.ingest.keys.source_for(key)
@@ -154,6 +194,9 @@ class Handlers:
             proto, host = public_base(request, self.cfg, self.ingest.proxies)
             return _json(200, settings_document(integration, key, proto, host))
         return handler
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        return self.cors.preflight(request)
 
     async def health(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
@@ -180,50 +223,22 @@ class Handlers:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def setup_middlewares(app: web.Application, handlers: Handlers) -> None:
-    counters = handlers.counters
-    cors = handlers.cors
-
-    @web.middleware
-    async def observe(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
-        if request.method == "OPTIONS" and "Origin" in request.headers:
-            resp: web.StreamResponse = cors.preflight(request)
-        else:
-            try:
-                resp = await handler(request)
-            except web.HTTPException as e:
-                resp = e
-            except Exception:
-                log.exception("error on %s %s", request.method, request.path)
-                resp = _json(500, {"error": "internal error"})
-            origin = request.headers.get("Origin")
-            if origin:
-                resp.headers.update(cors.headers(origin, request.get("source")))
-        if endpoint == "/v1/{kind}":
-            endpoint = f"/v1/{request.match_info.get('kind', '')}" if request.match_info.get("kind") in KINDS \
-                else "unmatched"
-        counters.request(endpoint, resp.status)
-        return resp
-
-    app.middlewares.append(observe)
-
-
 def setup_routes(app: web.Application, handlers: Handlers) -> None:
+    """Plain paths only: aiohttp finds them with one dict lookup."""
     r = app.router
-    r.add_post("/v1/m", handlers.sdk_metrics)
-    r.add_post("/v1/{kind}", handlers.calls)
-    r.add_get("/v1/projects/{write_key}/settings", handlers._settings(SEGMENT))
-    r.add_get("/customerio/v1/projects/{write_key}/settings", handlers._settings(CUSTOMERIO))
-    r.add_get("/health", handlers.health)
-    r.add_get("/ready", handlers.ready)
-    r.add_get("/metrics", handlers.metrics)
-    # Preflights are answered by the middleware; these routes let them match.
-    for path in ("/v1/{kind}", "/v1/projects/{write_key}/settings",
-                 "/customerio/v1/projects/{write_key}/settings"):
-        r.add_route("OPTIONS", path, handlers.health)
+    h = handlers
+    for kind in sorted(KINDS):
+        r.add_post(f"/v1/{kind}", h.calls_for(kind))
+        r.add_route("OPTIONS", f"/v1/{kind}", h.observed("OPTIONS", h.preflight))
+    r.add_post("/v1/m", h.observed("/v1/m", h.sdk_metrics))
+    r.add_route("OPTIONS", "/v1/m", h.observed("OPTIONS", h.preflight))
+    for prefix, integration in (("", SEGMENT), ("/customerio", CUSTOMERIO)):
+        path = f"{prefix}/v1/projects/{{write_key}}/settings"
+        r.add_get(path, h.observed(path, h.settings_for(integration)))
+        r.add_route("OPTIONS", path, h.observed("OPTIONS", h.preflight))
+    r.add_get("/health", h.observed("/health", h.health))
+    r.add_get("/ready", h.observed("/ready", h.ready))
+    r.add_get("/metrics", h.observed("/metrics", h.metrics))
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -235,9 +250,7 @@ def create_app(cfg: Config) -> web.Application:
     app[keys.BUILT] = built
     app[keys.INGEST] = Ingest(cfg, built.source_transforms)
     app[keys.COUNTERS] = Counters()
-    handlers = Handlers(app)
-    setup_middlewares(app, handlers)
-    setup_routes(app, handlers)
+    setup_routes(app, Handlers(app))
     app.cleanup_ctx.append(_lifecycle)
     return app
 

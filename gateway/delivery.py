@@ -11,11 +11,13 @@ re-sends (at least once), never skips.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
 from typing import Any, Callable
 
+import aiohttp
 import msgspec
 
 from gateway.config import DestinationConfig, RetryConfig
@@ -27,7 +29,13 @@ from gateway.spool import Ack, DeadLetter, Pending, Record
 log = logging.getLogger(__name__)
 
 READ_WINDOW = 5000
+YIELD_EVERY = 200
+#: seconds between looks at the retries table for entries this worker did not
+#: schedule itself (``gateway dlq replay``, a restart); its own retries are
+#: sent when they are due, not at the next poll
 RETRY_POLL = 1.0
+#: retry times a worker remembers; past that, retries wait for the next poll
+RETRY_TIMES_MAX = 10_000
 PAUSE_MIN, PAUSE_MAX = 5.0, 300.0
 
 
@@ -39,6 +47,21 @@ class Plan(msgspec.Struct):
     dropped: str | None = None  # a transform dropped it
     error: str | None = None  # permanent: goes to the dead-letter store
     call: dict[str, Any] | None = None
+
+
+class RouteView(msgspec.Struct):
+    """The fields routing reads; msgspec skips the rest of the call unparsed."""
+
+    type: Any = None
+    event: Any = None
+    integrations: Any = None
+    messageId: Any = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+route_view_decoder = msgspec.json.Decoder(RouteView)
 
 
 class TokenBucket:
@@ -66,6 +89,14 @@ def backoff(policy: RetryConfig, attempts: int) -> float:
     return random.uniform(0, min(policy.backoff_cap, policy.backoff_base * 2 ** max(0, attempts - 1)))
 
 
+class Deferred(msgspec.Struct, frozen=True):
+    """Not sent, through no fault of the call: the destination is on hold
+    (``Retry-After``, ``Paused``) or the worker is stopping.  The call stays
+    queued and the attempt is not counted."""
+
+    reason: str
+
+
 class Item(msgspec.Struct):
     """A call on its way out: a new record, or a retry of one."""
 
@@ -73,7 +104,6 @@ class Item(msgspec.Struct):
     source: str
     data: bytes
     payload: bytes
-    message_id: str
     pending: Pending | None = None
 
 
@@ -96,8 +126,13 @@ class Stats:
         table[key] = table.get(key, 0) + n
 
 
-def reason_label(reason: str) -> str:
-    """A bounded label for metrics: the reason's first word or code."""
+def reason_label(reason: str, status: int | None = None) -> str:
+    """A bounded label for metrics: ``http_<status>``, ``retries_exhausted``,
+    or the reason's code (``LIMIT_EXCEEDED``, ``MAPPING_FAILED``)."""
+    if reason.startswith("gave up after"):
+        return "retries_exhausted"
+    if status is not None:
+        return f"http_{status}"
     head = reason.split(":", 1)[0].split(" ", 1)[0]
     return head[:40] or "unknown"
 
@@ -112,6 +147,7 @@ class Worker:
         self.name = dc.name
         self.transforms = transforms
         self.route = Route([dc.name, *dc.aliases, *dest.aliases], dc.filter)
+        self.passthrough = dest.forwards_calls and not transforms
         lim = dest.limits
         self.max_calls = max(1, min(dc.batch.max_calls or lim.max_batch_calls, lim.max_batch_calls))
         self.max_bytes = min(dc.batch.max_bytes or lim.max_batch_bytes, lim.max_batch_bytes)
@@ -123,6 +159,8 @@ class Worker:
         self.stats = Stats()
         self.hold_until = 0.0
         self.pause_for = PAUSE_MIN
+        #: when the retries this worker scheduled are due (a min-heap)
+        self.retry_times: list[float] = []
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
         self.position = 0
@@ -133,6 +171,20 @@ class Worker:
 
     def plan(self, data: bytes | dict[str, Any], source: str) -> Plan:
         try:
+            if self.passthrough and isinstance(data, bytes):
+                # The destination sends calls as stored: read only what routing
+                # needs, and nothing at all when nothing could route it away.
+                if self.route.open and b'"integrations"' not in data and len(data) <= self.max_call:
+                    return Plan(payload=data)
+                view = route_view_decoder.decode(data)
+                refused = self.route.refuse(view, source)  # type: ignore[arg-type]
+                if refused is not None:
+                    return Plan(refused=refused, call={"messageId": view.messageId})
+                if len(data) > self.max_call:
+                    return Plan(error=f"LIMIT_EXCEEDED: payload is {len(data)} bytes; "
+                                      f"the destination takes {self.max_call} a call",
+                                call={"messageId": view.messageId})
+                return Plan(payload=data, call={"messageId": view.messageId})
             call = call_decoder.decode(data) if isinstance(data, bytes) else data
         except msgspec.DecodeError as e:  # only a damaged spool row could do this
             return Plan(error=f"UNREADABLE: {e}")
@@ -190,14 +242,18 @@ class Worker:
                     await self._sleep(self.hold_until - now)
                     continue
                 did = 0
-                if now - last_retry_poll >= RETRY_POLL:
+                if self._retry_due(now) or now - last_retry_poll >= RETRY_POLL:
                     last_retry_poll = now
                     due = await self.spool.due(self.name, now, READ_WINDOW)
+                    if len(due) >= READ_WINDOW:
+                        self._remember_retry(now)  # more are due: look again at once
                     if due:
                         did += await self._deliver_retries(due)
                 if self.stopping or time.time() < self.hold_until:
                     continue
                 records = await self.spool.read(self.position, READ_WINDOW)
+                if self.stopping:
+                    break
                 if records and len(records) < self.max_calls and self.dc.batch.max_wait > 0:
                     # A partial batch: give more calls a moment to arrive.
                     wait = records[0].received + self.dc.batch.max_wait - time.time()
@@ -207,12 +263,30 @@ class Worker:
                 if records:
                     did += await self._deliver_records(records)
                 if not did:
-                    await self._sleep(RETRY_POLL)
+                    await self._sleep(self._idle_for())
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - storage trouble: wait and go on
                 log.exception("%s: delivery step failed; trying again", self.name)
                 await self._sleep(1.0)
+
+    def _retry_due(self, now: float) -> bool:
+        """Whether a retry this worker scheduled is due (forgetting those that are)."""
+        due = False
+        while self.retry_times and self.retry_times[0] <= now:
+            heapq.heappop(self.retry_times)
+            due = True
+        return due
+
+    def _remember_retry(self, at: float) -> None:
+        if len(self.retry_times) < RETRY_TIMES_MAX:
+            heapq.heappush(self.retry_times, at)
+
+    def _idle_for(self) -> float:
+        """Seconds to wait for new calls: until the next retry, RETRY_POLL at most."""
+        if self.retry_times:
+            return max(0.0, min(RETRY_POLL, self.retry_times[0] - time.time()))
+        return RETRY_POLL
 
     async def _sleep(self, seconds: float) -> None:
         assert self.wakeup is not None
@@ -228,12 +302,14 @@ class Worker:
         ack = Ack(self.name, cursor=records[-1].seq)
         items: list[Item] = []
         now = time.time()
-        for r in records:
+        for i, r in enumerate(records):
+            if i and not i % YIELD_EVERY:
+                await asyncio.sleep(0)  # a long window must not stall ingest's event loop
             p = self.plan(r.data, r.source)
             if p.payload is not None:
-                items.append(Item(r.seq, r.source, r.data, p.payload, _message_id(p.call)))
+                items.append(Item(r.seq, r.source, r.data, p.payload))
             elif p.error is not None:
-                ack.dead.append(self._dead(r.seq, r.source, r.data, _message_id(p.call), p.error, None, "", 0, now))
+                ack.dead.append(self._dead(r.seq, r.source, r.data, p.error, None, "", 0, now))
             else:
                 self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
         await self._send_all(items, ack)
@@ -245,14 +321,16 @@ class Worker:
         ack = Ack(self.name)
         items: list[Item] = []
         now = time.time()
-        for pend in due:
+        for i, pend in enumerate(due):
+            if i and not i % YIELD_EVERY:
+                await asyncio.sleep(0)
             p = self.plan(pend.data, pend.source)
             if p.payload is not None:
-                items.append(Item(pend.seq, pend.source, pend.data, p.payload, _message_id(p.call), pend))
+                items.append(Item(pend.seq, pend.source, pend.data, p.payload, pend))
                 continue
             ack.done.append(pend.seq)
             if p.error is not None:
-                ack.dead.append(self._dead(pend.seq, pend.source, pend.data, _message_id(p.call), p.error,
+                ack.dead.append(self._dead(pend.seq, pend.source, pend.data, p.error,
                                            None, "", pend.attempts, now))
             else:
                 self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
@@ -284,17 +362,34 @@ class Worker:
             for it, oc in zip(batch, outcomes):
                 self._record(it, oc, ack, now)
 
-    async def _send(self, batch: list[Item]) -> tuple[list[Item], list[Outcome | Paused]]:
+    def _held(self) -> Deferred | None:
+        """Why nothing may be sent now, if something forbids it."""
+        if self.stopping:
+            return Deferred("the gateway is stopping")
+        if time.time() < self.hold_until:
+            return Deferred("the destination is on hold")
+        return None
+
+    async def _send(self, batch: list[Item]) -> tuple[list[Item], list[Outcome | Paused | Deferred]]:
         async with self.sem:
-            if self.stopping and time.time() < self.hold_until:
-                pass
+            # Batches wait here for a turn; by then a batch before them may
+            # have put the destination on hold (Retry-After, Paused) or
+            # SIGTERM may have come: those wait, queued, and cost no attempt.
+            if (held := self._held()) is not None:
+                return batch, [held] * len(batch)
             await self.bucket.take()
+            if (held := self._held()) is not None:
+                return batch, [held] * len(batch)
             payloads = [it.payload for it in batch]
             try:
                 async with asyncio.timeout(self.dc.timeout):
-                    outcomes: list[Outcome | Paused] = list(await self.dest.send(payloads))
+                    outcomes: list[Outcome | Paused | Deferred] = list(await self.dest.send(payloads))
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"send returned {len(outcomes)} outcomes for {len(batch)} calls")
+                for oc in outcomes:
+                    if isinstance(oc, Retry) and oc.retry_after is not None:
+                        # Honoured at once, so batches waiting for a turn hold too.
+                        self.hold_until = max(self.hold_until, time.time() + oc.retry_after)
                 self.stats.count(self.stats.requests, "sent")
                 if self.stats.paused:
                     self.stats.paused = False
@@ -303,7 +398,7 @@ class Worker:
             except Paused as p:
                 self._pause(p)
                 outcomes = [p] * len(batch)
-            except (asyncio.TimeoutError, OSError) as e:
+            except (asyncio.TimeoutError, OSError, aiohttp.ClientError) as e:
                 self.stats.count(self.stats.requests, "network_error")
                 reason = f"network error: {type(e).__name__}: {e}".rstrip(": ")
                 outcomes = [Retry(reason)] * len(batch)
@@ -323,28 +418,39 @@ class Worker:
         self.stats.paused = True
         self.pause_for = min(PAUSE_MAX, self.pause_for * 2)
 
-    def _record(self, it: Item, oc: Outcome | Paused, ack: Ack, now: float) -> None:
+    def _record(self, it: Item, oc: Outcome | Paused | Deferred, ack: Ack, now: float) -> None:
         pend = it.pending
         if isinstance(oc, Delivered):
             self.stats.delivered += 1
             if pend is not None:
                 ack.done.append(it.seq)
             return
+        if isinstance(oc, Deferred):
+            # Not sent: a retry keeps its entry as it is; a new call gets one,
+            # due when the hold ends, with no attempt counted.
+            at = max(now, self.hold_until)
+            self._remember_retry(at)
+            if pend is None:
+                ack.retry.append(Pending(it.seq, it.data, it.source, 0, now, at, None, f"deferred: {oc.reason}"))
+            return
         if isinstance(oc, Paused):
             # Not the call's fault: keep it queued, uncounted, behind the pause.
             ack.retry.append(Pending(it.seq, it.data, it.source, pend.attempts if pend else 0,
                                      pend.first_failed if pend else now, self.hold_until,
                                      oc.status, f"paused: {oc.reason}", oc.body[:BODY_EXCERPT]))
+            self._remember_retry(self.hold_until)
             return
         attempts = (pend.attempts if pend else 0) + 1
         first = pend.first_failed if pend else now
         if isinstance(oc, Retry):
             policy = self.dc.retry
-            if attempts >= policy.max_attempts or now - first >= policy.max_age:
+            # DESIGN.md: give up after *both* the count and the time window,
+            # so that a long outage is retried for max_age (RudderStack's rule).
+            if attempts >= policy.max_attempts and now - first >= policy.max_age:
                 why = (f"gave up after {attempts} attempts over {now - first:.0f}s; last: {oc.reason}")
                 if pend is not None:
                     ack.done.append(it.seq)
-                ack.dead.append(self._dead(it.seq, it.source, it.data, it.message_id, why, oc.status, oc.body,
+                ack.dead.append(self._dead(it.seq, it.source, it.data, why, oc.status, oc.body,
                                            attempts, now))
                 return
             delay = backoff(policy, attempts)
@@ -354,23 +460,28 @@ class Worker:
             self.stats.retried += 1
             ack.retry.append(Pending(it.seq, it.data, it.source, attempts, first, now + delay,
                                      oc.status, oc.reason, oc.body[:BODY_EXCERPT]))
+            self._remember_retry(now + delay)
             return
         assert isinstance(oc, Failed)
         if pend is not None:
             ack.done.append(it.seq)
-        ack.dead.append(self._dead(it.seq, it.source, it.data, it.message_id, oc.reason, oc.status, oc.body,
+        ack.dead.append(self._dead(it.seq, it.source, it.data, oc.reason, oc.status, oc.body,
                                    attempts, now))
 
-    def _dead(self, seq: int, source: str, data: bytes, message_id: str, reason: str, status: int | None,
+    def _dead(self, seq: int, source: str, data: bytes, reason: str, status: int | None,
               body: str, attempts: int, now: float) -> DeadLetter:
-        self.stats.count(self.stats.dead, reason_label(reason))
+        self.stats.count(self.stats.dead, reason_label(reason, status))
+        message_id = _message_id(data)
         log.info("%s: dead letter %s: %s", self.name, message_id, reason)
         return DeadLetter(0, self.name, seq, message_id, reason, status, body[:BODY_EXCERPT], attempts, now,
                           source, data)
 
 
-def _message_id(call: dict[str, Any] | None) -> str:
-    mid = call.get("messageId") if call else None
+def _message_id(data: bytes) -> str:
+    try:
+        mid = route_view_decoder.decode(data).messageId
+    except msgspec.DecodeError:
+        return ""
     return str(mid) if mid is not None else ""
 
 

@@ -120,6 +120,10 @@ class Destination:
     Settings: ClassVar[type[msgspec.Struct]]
     limits: ClassVar[Limits] = Limits()
     aliases: ClassVar[tuple[str, ...]] = ()
+    #: True when ``prepare`` returns the call exactly as stored (JSON-encoded,
+    #: unchanged): the engine then sends the stored bytes without decoding
+    #: them, unless destination transforms change the call.
+    forwards_calls: ClassVar[bool] = False
 
     def __init__(self, name: str, settings: Any, http: aiohttp.ClientSession | None) -> None:
         self.name = name

@@ -11,8 +11,9 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import os
 import itertools
+import os
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Mapping
 
@@ -65,7 +66,31 @@ def new_message_id() -> str:
 
 def iso(dt: datetime) -> str:
     """ISO-8601 in UTC with milliseconds and a Z, as Segment's and Customer.io's APIs write it."""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    if dt.utcoffset():
+        dt = dt.astimezone(timezone.utc)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+        dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second, dt.microsecond // 1000)
+
+
+_SECOND_PREFIX: dict[int, str] = {}
+
+
+def iso_ms(ms: int) -> str:
+    """``iso`` for Unix milliseconds; the date-and-second part is cached."""
+    sec, milli = divmod(ms, 1000)
+    prefix = _SECOND_PREFIX.get(sec)
+    if prefix is None:
+        if len(_SECOND_PREFIX) > 4096:
+            _SECOND_PREFIX.clear()
+        t = time.gmtime(sec)
+        prefix = _SECOND_PREFIX[sec] = "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6]
+    return "%s.%03dZ" % (prefix, milli)
+
+
+def parse_ms(value: Any) -> int | None:
+    """An ISO-8601 date-time as Unix milliseconds (no zone means UTC)."""
+    dt = parse_iso(value)
+    return None if dt is None else round(dt.timestamp() * 1000)
 
 
 def parse_iso(value: Any) -> datetime | None:
@@ -172,39 +197,38 @@ def check_call(call: Any, type_: str | None) -> Rejection | None:
         return Rejection("missing_field", "group requires groupId", "groupId")
     elif t == "alias" and not _present(call.get("previousId")):
         return Rejection("missing_field", "alias requires previousId", "previousId")
-    for key in ("timestamp", "originalTimestamp", "sentAt"):
-        v = call.get(key)
-        if v is not None and parse_iso(v) is None:
-            return Rejection("bad_field", f"{key} must be an ISO-8601 date-time", key)
     return None
 
 
 class Enricher:
-    """What the gateway adds to every call (DESIGN.md, the path of an event)."""
+    """What the gateway adds to every call (DESIGN.md, the path of an event).
 
-    __slots__ = ("received", "received_iso", "ip", "context", "integrations", "sent_at", "_sent_cache")
+    Times are kept as integer milliseconds: a batch of a hundred calls then
+    costs a hundred subtractions, not a hundred datetime round trips."""
+
+    __slots__ = ("received_ms", "received_iso", "ip", "context", "integrations", "sent_at", "_sent_cache")
 
     def __init__(self, received: datetime, ip: str | None,
                  context: dict[str, Any] | None = None, integrations: dict[str, Any] | None = None,
                  sent_at: Any = None) -> None:
-        self.received = received
-        self.received_iso = iso(received)
+        self.received_ms = round(received.timestamp() * 1000)
+        self.received_iso = iso_ms(self.received_ms)
         self.ip = ip
         self.context = context
         self.integrations = integrations
         self.sent_at = sent_at
-        self._sent_cache: tuple[Any, datetime | None] = (None, None)
+        self._sent_cache: tuple[Any, int | None] = (None, None)
 
-    def _sent(self, value: Any) -> datetime | None:
-        if value is None:
-            return None
+    def _sent(self, value: Any) -> int | None:
         if self._sent_cache[0] != value:
-            self._sent_cache = (value, parse_iso(value))
+            self._sent_cache = (value, parse_ms(value))
         return self._sent_cache[1]
 
-    def apply(self, call: dict[str, Any], type_: str | None) -> None:
+    def apply(self, call: dict[str, Any], type_: str | None) -> Rejection | None:
+        """Enrich ``call`` in place; a timestamp that is not ISO-8601 rejects it."""
         for key in STRIPPED_KEYS:
-            call.pop(key, None)
+            if key in call:
+                del call[key]
         if type_:
             call["type"] = type_
         if not call.get("messageId"):
@@ -232,20 +256,26 @@ class Enricher:
         sent_raw = call.get("sentAt")
         if sent_raw is None and self.sent_at is not None:
             sent_raw = call["sentAt"] = self.sent_at
+        sent = None
+        if sent_raw is not None:
+            sent = self._sent(sent_raw)
+            if sent is None:
+                return Rejection("bad_field", "sentAt must be an ISO-8601 date-time", "sentAt")
+        key = "timestamp"
         client_raw = call.get("timestamp")
         if client_raw is None:
+            key = "originalTimestamp"
             client_raw = call.get("originalTimestamp")
         if client_raw is None:
             call["timestamp"] = self.received_iso
-            return
+            return None
+        client = parse_ms(client_raw)
+        if client is None:
+            return Rejection("bad_field", f"{key} must be an ISO-8601 date-time", key)
         if "originalTimestamp" not in call:
             call["originalTimestamp"] = client_raw
-        sent = self._sent(sent_raw)
-        client = parse_iso(client_raw)
-        if sent is not None and client is not None:
-            call["timestamp"] = iso(self.received - (sent - client))
-        else:
-            call["timestamp"] = client_raw
+        call["timestamp"] = iso_ms(self.received_ms - (sent - client)) if sent is not None else client_raw
+        return None
 
 
 def _sized(data: bytes, limit: int, field: str, index: int | None) -> Rejection | None:
@@ -322,7 +352,13 @@ class Ingest:
                     problem.field = f"batch[{i}].{problem.field}" if problem.field else f"batch[{i}]"
                 rejections.append(problem)
                 continue
-            enricher.apply(call, type_)
+            problem = enricher.apply(call, type_)
+            if problem is not None:
+                problem.index = index
+                if is_batch:
+                    problem.field = f"batch[{i}].{problem.field}"
+                rejections.append(problem)
+                continue
             for t in transforms:
                 call = t.apply(call)
                 if call is None:

@@ -29,20 +29,26 @@ ENTRY_POINT_GROUP = "gateway"
 
 
 def make_manager(extra: list[str] | tuple[str, ...] = ()) -> pluggy.PluginManager:
+    """A fresh manager: built-ins, the ``gateway`` entry points, then ``extra``
+    modules.  A hook implementation that matches no hook (a misspelling) or
+    takes arguments its hook does not have is a ConfigError naming the plugin."""
     pm = pluggy.PluginManager("gateway")
     pm.add_hookspecs(hookspecs)
-    for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for name in extra:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"plugins: cannot import {name!r}: {e}") from None
-        if pm.is_registered(module):
-            continue
-        pm.register(module, name=name)
-    pm.check_pending()
+    try:
+        for name in DEFAULT_PLUGINS:
+            pm.register(importlib.import_module(name), name=name)
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for name in extra:
+            try:
+                module = importlib.import_module(name)
+            except ImportError as e:
+                raise ConfigError(f"plugins: cannot import {name!r}: {e}") from None
+            if pm.is_registered(module):
+                continue
+            pm.register(module, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise ConfigError(f"plugins: {e}") from None
     return pm
 
 
@@ -61,6 +67,19 @@ class Registry(msgspec.Struct):
         return out
 
 
+def _check_type(cls: Any, base: type, plugin_name: str) -> None:
+    """A registered type must be a subclass of its base with a ``type`` string
+    and a Struct of ``Settings``: said at start, naming the plugin."""
+    what = f"register_{base.__name__.lower()}s of plugin {plugin_name}"
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{what} returned {cls!r}, which is not a subclass of {base.__module__}.{base.__name__}")
+    if not isinstance(getattr(cls, "type", None), str) or not cls.type:
+        raise ConfigError(f"{what}: {cls.__name__} has no type string")
+    settings = getattr(cls, "Settings", None)
+    if not (isinstance(settings, type) and issubclass(settings, msgspec.Struct)):
+        raise ConfigError(f"{what}: {cls.__name__}.Settings is not a msgspec.Struct")
+
+
 def build_registry(pm: pluggy.PluginManager) -> Registry:
     reg = Registry({}, {}, {})
     for kind, hook, table in (("destination", pm.hook.register_destinations, reg.destinations),
@@ -68,6 +87,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
         for impl in hook.get_hookimpls():
             plugin_name = impl.plugin_name
             for cls in impl.function() or ():
+                _check_type(cls, Destination if kind == "destination" else Transform, plugin_name)
                 key = f"{kind}:{cls.type}"
                 if key in reg.provider:
                     raise ConfigError(f"{kind} type {cls.type!r} is provided twice: by "

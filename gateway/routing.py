@@ -35,7 +35,7 @@ def enabled(value: Any) -> bool:
 class Route:
     """The routing rules of one destination, built once."""
 
-    __slots__ = ("names", "types", "events", "exclude", "sources")
+    __slots__ = ("names", "types", "events", "exclude", "sources", "open")
 
     def __init__(self, names: list[str], flt: FilterConfig) -> None:
         self.names = tuple(dict.fromkeys(names))
@@ -43,6 +43,8 @@ class Route:
         self.events = frozenset(flt.events) if flt.events is not None else None
         self.exclude = frozenset(flt.exclude_events)
         self.sources = frozenset(flt.sources) if flt.sources is not None else None
+        #: no filter: only an integrations object can turn a call away
+        self.open = self.types is None and self.events is None and not self.exclude and self.sources is None
 
     def refuse(self, call: dict[str, Any], source: str) -> str | None:
         """None when the call goes to this destination, else the reason it does not."""

@@ -33,6 +33,8 @@ class FileDestination(Destination):
         self._fd: int | None = None
         self._lock = asyncio.Lock()
 
+    forwards_calls = True
+
     def prepare(self, call: dict[str, Any]) -> bytes:
         return _encode(call)
 

@@ -53,6 +53,8 @@ class WebhookDestination(Destination):
             max_batch_bytes=settings.max_batch_bytes or type(self).limits.max_batch_bytes,
             max_call_bytes=settings.max_call_bytes or type(self).limits.max_call_bytes)
 
+    forwards_calls = True
+
     def prepare(self, call: dict[str, Any]) -> bytes:
         return _encode(call)
 

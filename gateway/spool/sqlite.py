@@ -1,5 +1,11 @@
 """The embedded spool: one SQLite file in WAL mode, fsync'd on every commit.
 
+Each request's calls are one row (a "segment": the calls joined by newlines,
+which JSON never contains unescaped), so SQLite's cost is paid per request,
+not per call.  A call's position is ``row * SPAN + index``: cursors, retries
+and dead letters all use it.  AUTOINCREMENT keeps row ids from ever being
+reused after a purge, so positions only grow.
+
 One writer thread owns the write connection.  It takes every job queued while
 it was busy, runs them in one transaction and commits once (group commit), so
 a hundred concurrent requests cost one fsync.  Reads use a second connection
@@ -24,9 +30,10 @@ log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
     source TEXT NOT NULL,
     received REAL NOT NULL,
+    count INTEGER NOT NULL,
     data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cursors (
@@ -64,6 +71,11 @@ CREATE INDEX IF NOT EXISTS dead_by_destination ON dead_letters (destination, id)
 CREATE INDEX IF NOT EXISTS dead_by_message ON dead_letters (message_id);
 """
 
+SPAN = 1 << 20  # positions per row: more than a max_batch_bytes batch can hold calls
+#: the last position ever stored (0 when nothing was); sqlite_sequence survives purges
+END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY seq DESC LIMIT 1), "
+       "(SELECT seq * 1048576 + 1048575 FROM sqlite_sequence WHERE name = 'events'), 0)")
+CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
 Job = Callable[[sqlite3.Connection], Any]
 
 
@@ -100,6 +112,7 @@ class SqliteSpool:
         self.failed: BaseException | None = None
         self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,14 +125,35 @@ class SqliteSpool:
         self.dir.mkdir(parents=True, exist_ok=True)
         wconn = connect(self.file)
         self.rows, self.bytes = wconn.execute(
-            "SELECT count(*), coalesce(sum(length(data)), 0) FROM events").fetchone()
-        self.last_seq = wconn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            "SELECT coalesce(sum(count), 0), coalesce(sum(length(data)), 0) FROM events").fetchone()
+        self.last_seq = wconn.execute(END).fetchone()[0]
         self._rconn = connect(self.file, readonly=True)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
+        # Checkpoints copy the WAL into the database and fsync it: done by the
+        # writer they would stall every request of that group for tens of ms.
+        wconn.execute("PRAGMA wal_autocheckpoint=0")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spool-checkpoint", daemon=True)
+        self._checkpointer.start()
         self._writer = threading.Thread(target=self._write_loop, args=(wconn,), name="spool-write", daemon=True)
         self._writer.start()
 
+    def _checkpoint_loop(self) -> None:
+        conn = connect(self.file, readonly=True)
+        try:
+            while not self._stop_checkpoints.wait(CHECKPOINT_EVERY):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as e:
+                    log.warning("spool checkpoint failed: %s", e)
+        finally:
+            conn.close()
+
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._stop_checkpoints.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.join)
+            self._checkpointer = None
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
@@ -185,7 +219,7 @@ class SqliteSpool:
                     except Exception as e:  # noqa: BLE001
                         _rollback(conn)
                         outcome.append((None, e))
-        last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+        last = conn.execute(END).fetchone()[0]
         elapsed = time.perf_counter() - started
         assert self._loop is not None
         try:
@@ -225,14 +259,14 @@ class SqliteSpool:
         """Store calls; returns once they are committed and fsync'd."""
         if not rows:
             return
-        size = sum(map(len, rows))
+        segment = b"\n".join(rows)
+        size = len(segment)
         if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
-        now = time.time()
-        params = [(source, now, r) for r in rows]
+        params = (source, time.time(), len(rows), segment)
 
         def job(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT INTO events (source, received, data) VALUES (?, ?, ?)", params)
+            conn.execute("INSERT INTO events (source, received, count, data) VALUES (?, ?, ?, ?)", params)
 
         self.bytes += size
         try:
@@ -255,16 +289,15 @@ class SqliteSpool:
             row = conn.execute("SELECT seq FROM cursors WHERE destination = ?", (destination,)).fetchone()
             if row:
                 return int(row[0])
-            end = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+            end = conn.execute(END).fetchone()[0]
             conn.execute("INSERT INTO cursors (destination, seq) VALUES (?, ?)", (destination, end))
             return int(end)
         return await self.submit(job)
 
     async def read(self, after: int, limit: int) -> list[Record]:
+        """Up to ``limit`` calls stored after position ``after``, in order."""
         def q(conn: sqlite3.Connection) -> list[Record]:
-            rows = conn.execute("SELECT seq, source, received, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                                (after, limit)).fetchall()
-            return [Record(*r) for r in rows]
+            return read_after(conn, after, limit)
         return await self._read(q)
 
     async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
@@ -286,12 +319,15 @@ class SqliteSpool:
         def q(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
             row = conn.execute("SELECT seq FROM cursors WHERE destination = ?", (destination,)).fetchone()
             cur = row[0] if row else 0
-            last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
-            oldest = conn.execute("SELECT received FROM events WHERE seq > ? ORDER BY seq LIMIT 1", (cur,)).fetchone()
+            crow, cidx = divmod(cur, SPAN)
+            waiting = conn.execute(
+                "SELECT coalesce(sum(CASE WHEN seq = ? THEN count - 1 - ? ELSE count END), 0), min(received) "
+                "FROM events WHERE seq > ? OR (seq = ? AND count - 1 > ?)", (crow, cidx, crow, crow, cidx)).fetchone()
+            oldest = (waiting[1],) if waiting[1] is not None else None
             r = conn.execute("SELECT count(*), min(first_failed) FROM retries WHERE destination = ?",
                              (destination,)).fetchone()
             ages = [t for t in (oldest[0] if oldest else None, r[1]) if t is not None]
-            return max(0, last - cur), int(r[0]), (min(ages) if ages else None)
+            return int(waiting[0]), int(r[0]), (min(ages) if ages else None)
         return await self._read(q)
 
     async def purge(self, destinations: list[str], retention: float) -> int:
@@ -303,14 +339,17 @@ class SqliteSpool:
                                    destinations).fetchone()
                 upto = row[1] if row[0] == len(destinations) else 0
             else:
-                upto = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+                upto = conn.execute(END).fetchone()[0]
             if not upto:
                 return 0, 0
-            cutoff = time.time() - retention
-            got = conn.execute("SELECT count(*), coalesce(sum(length(data)), 0) FROM events "
-                               "WHERE seq <= ? AND received <= ?", (upto, cutoff)).fetchone()
+            # Rows whose every call is behind every cursor (and old enough).
+            # AUTOINCREMENT: emptying the table never hands out old ids again.
+            where = "seq <= ? AND seq * 1048576 + count - 1 <= ? AND received <= ?"
+            args = (upto // SPAN, upto, time.time() - retention)
+            got = conn.execute(f"SELECT coalesce(sum(count), 0), coalesce(sum(length(data)), 0) FROM events "
+                               f"WHERE {where}", args).fetchone()
             if got[0]:
-                conn.execute("DELETE FROM events WHERE seq <= ? AND received <= ?", (upto, cutoff))
+                conn.execute(f"DELETE FROM events WHERE {where}", args)
             return int(got[0]), int(got[1])
         n, size = await self.submit(job)
         self.bytes -= size
@@ -319,6 +358,40 @@ class SqliteSpool:
 
     async def check_writable(self) -> None:
         await self.submit(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+def read_after(conn: sqlite3.Connection, after: int, limit: int) -> list[Record]:
+    """Calls after position ``after``, split out of their segments."""
+    row = max(0, after) // SPAN
+    out: list[Record] = []
+    cur = conn.execute("SELECT seq, source, received, data FROM events WHERE seq >= ? ORDER BY seq", (row,))
+    try:
+        while len(out) < limit:
+            got = cur.fetchmany(64)
+            if not got:
+                break
+            for seq, source, received, data in got:
+                base = seq * SPAN
+                for i, call in enumerate(data.split(b"\n")):
+                    pos = base + i
+                    if pos > after:
+                        out.append(Record(pos, source, received, call))
+                        if len(out) >= limit:
+                            break
+                if len(out) >= limit:
+                    break
+    finally:
+        cur.close()
+    return out
+
+
+def stored_calls(path: str | Path) -> list[bytes]:
+    """Every call the spool at ``path`` holds, in order (for tests and tools)."""
+    conn = connect(Path(path) / "spool.sqlite3", readonly=True)
+    try:
+        return [r.data for r in read_after(conn, -1, 1 << 62)]
+    finally:
+        conn.close()
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
