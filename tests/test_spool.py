@@ -1,0 +1,138 @@
+"""The spool contract (gateway/spool/__init__.py): every backend passes these.
+
+Only the embedded SQLite backend exists today; a new backend joins the
+``backend`` fixture's params."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from gateway.spool import Ack, DeadLetter, Pending, SpoolFull
+from gateway.spool.sqlite import DeadLetterStore, SqliteSpool, stored_calls
+
+
+@pytest.fixture(params=["sqlite"])
+async def spool(request: Any, tmp_path: Path) -> AsyncIterator[SqliteSpool]:
+    s = SqliteSpool(tmp_path / "spool", max_bytes=1 << 30)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def reopen(s: SqliteSpool) -> SqliteSpool:
+    await s.close()
+    again = SqliteSpool(s.dir, s.max_bytes)
+    await again.open()
+    return again
+
+
+async def test_append_then_read_in_order(spool: SqliteSpool) -> None:
+    await spool.append("web", [b'{"n":1}', b'{"n":2}'])
+    await spool.append("app", [b'{"n":3}'])
+    got = await spool.read(0, 100)
+    assert [r.data for r in got] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert [r.source for r in got] == ["web", "web", "app"]
+    assert [r.seq for r in got] == sorted(r.seq for r in got) and len({r.seq for r in got}) == 3
+    # Reading after a position returns what follows it, with a limit.
+    assert [r.data for r in await spool.read(got[0].seq, 1)] == [b'{"n":2}']
+    assert [r.data for r in await spool.read(got[1].seq, 10)] == [b'{"n":3}']
+    assert await spool.read(got[2].seq, 10) == []
+
+
+async def test_appended_calls_survive_reopen(spool: SqliteSpool) -> None:
+    await spool.append("web", [b'{"a":1}', b'{"b":2}'])
+    spool = await reopen(spool)
+    try:
+        assert stored_calls(spool.dir) == [b'{"a":1}', b'{"b":2}']
+        assert spool.rows == 2 and spool.bytes == len(b'{"a":1}\n{"b":2}')
+    finally:
+        await spool.close()
+        await spool.open()  # the fixture closes it again
+
+
+async def test_new_destination_starts_at_the_end_and_cursor_persists(spool: SqliteSpool) -> None:
+    await spool.append("web", [b"1", b"2"])
+    start = await spool.cursor("late")
+    assert await spool.read(start, 10) == []
+    await spool.append("web", [b"3"])
+    new = await spool.read(start, 10)
+    assert [r.data for r in new] == [b"3"]
+    await spool.ack(Ack("late", cursor=new[-1].seq))
+    assert await spool.cursor("late") == new[-1].seq
+    # The cursor never moves back.
+    await spool.ack(Ack("late", cursor=start))
+    assert await spool.cursor("late") == new[-1].seq
+
+
+async def test_positions_are_never_reused_after_a_purge(spool: SqliteSpool) -> None:
+    """An emptied table must not hand out old positions: cursors would skip new calls."""
+    await spool.append("web", [b"1", b"2"])
+    cur = await spool.cursor("d")
+    first = await spool.read(-1, 10)
+    await spool.ack(Ack("d", cursor=first[-1].seq))
+    await spool.purge(["d"], retention=0)
+    assert spool.rows == 0 and stored_calls(spool.dir) == []
+    await spool.append("web", [b"3"])
+    after = await spool.read(await spool.cursor("d"), 10)
+    assert [r.data for r in after] == [b"3"] and after[0].seq > first[-1].seq >= cur
+
+
+async def test_purge_keeps_what_any_destination_still_needs(spool: SqliteSpool) -> None:
+    await spool.cursor("fast")
+    await spool.cursor("slow")
+    await spool.append("web", [b"1"])
+    await spool.append("web", [b"2"])
+    recs = await spool.read(-1, 10)
+    await spool.ack(Ack("fast", cursor=recs[-1].seq))
+    assert await spool.purge(["fast", "slow"], retention=0) == 0
+    await spool.ack(Ack("slow", cursor=recs[0].seq))
+    assert await spool.purge(["fast", "slow"], retention=0) == 1
+    assert stored_calls(spool.dir) == [b"2"]
+    # Retention keeps delivered calls for a while.
+    await spool.ack(Ack("slow", cursor=recs[1].seq))
+    assert await spool.purge(["fast", "slow"], retention=3600) == 0
+
+
+async def test_full_spool_refuses(tmp_path: Path) -> None:
+    s = SqliteSpool(tmp_path / "small", max_bytes=10)
+    await s.open()
+    try:
+        await s.append("web", [b"12345"])
+        with pytest.raises(SpoolFull):
+            await s.append("web", [b"1234567"])
+        assert stored_calls(s.dir) == [b"12345"] and s.has_room()
+    finally:
+        await s.close()
+
+
+async def test_retries_come_due_and_finish(spool: SqliteSpool) -> None:
+    now = time.time()
+    await spool.ack(Ack("d", retry=[Pending(7, b"x", "web", 1, now, now + 3600, 503, "HTTP 503", "busy"),
+                                    Pending(8, b"y", "web", 2, now, now - 1, 500, "HTTP 500", "")]))
+    due = await spool.due("d", now, 10)
+    assert [(p.seq, p.data, p.attempts, p.status) for p in due] == [(8, b"y", 2, 500)]
+    assert [p.seq for p in await spool.due("d", now + 7200, 10)] == [8, 7]
+    assert await spool.due("other", now + 7200, 10) == []
+    await spool.ack(Ack("d", done=[8]))
+    assert [p.seq for p in await spool.due("d", now + 7200, 10)] == [7]
+
+
+async def test_dead_letters_list_and_replay(spool: SqliteSpool) -> None:
+    now = time.time()
+    call = b'{"messageId":"m-1","type":"track"}'
+    await spool.ack(Ack("d", dead=[DeadLetter(0, "d", 5, "m-1", "HTTP 400", 400, "bad", 1, now, "web", call)]))
+    store = DeadLetterStore(spool.dir)
+    try:
+        [x] = store.list("d")
+        assert (x.message_id, x.reason, x.status, x.body, x.data) == ("m-1", "HTTP 400", 400, "bad", call)
+        assert store.list("other") == [] and store.list(message_id="nope") == []
+        assert [y.message_id for y in store.replay(message_id="m-1")] == ["m-1"]
+        assert store.list() == []
+    finally:
+        store.close()
+    [p] = await spool.due("d", time.time() + 1, 10)
+    assert (p.seq, p.data, p.attempts) == (5, call, 0)
