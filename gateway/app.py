@@ -49,7 +49,9 @@ def _error_body(r: Rejection) -> dict[str, object]:
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The (decompressed) body, refused past ``limit`` bytes before or after
     decompression: aiohttp inflates in bounded steps, so a gzip bomb stops here."""
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    encoding = request.headers.get("Content-Encoding", "")
+    if encoding:
+        encoding = encoding.strip().lower()
     if encoding not in ENCODINGS:
         raise RequestRejected(400, Rejection("encoding", f"Content-Encoding {encoding!r} is not supported "
                                              "(gzip, deflate or none)", "Content-Encoding"))
@@ -59,9 +61,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                                              "body", limit))
     chunks: list[bytes] = []
     total = 0
+    content = request.content
     try:
         while True:
-            chunk = await request.content.readany()
+            chunk = await content.readany()
             if not chunk:
                 break
             total += len(chunk)

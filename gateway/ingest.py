@@ -120,10 +120,26 @@ class KeyRing:
         return found
 
 
+_HEADER_KEYS: dict[str, str | None] = {}
+
+
 def key_from_header(value: str | None) -> str | None:
-    """``Basic base64(KEY:)`` or ``Bearer KEY``."""
+    """``Basic base64(KEY:)`` or ``Bearer KEY``.  Decoded headers are cached
+    (the key is still compared in constant time by KeyRing)."""
     if not value:
         return None
+    try:
+        return _HEADER_KEYS[value]
+    except KeyError:
+        pass
+    key = _parse_auth(value)
+    if len(_HEADER_KEYS) >= 1024:
+        _HEADER_KEYS.clear()
+    _HEADER_KEYS[value] = key
+    return key
+
+
+def _parse_auth(value: str) -> str | None:
     scheme, _, cred = value.strip().partition(" ")
     scheme = scheme.lower()
     cred = cred.strip()
@@ -143,6 +159,7 @@ class ProxyTrust:
 
     def __init__(self, trusted: list[str]) -> None:
         self._nets = [ipaddress.ip_network(t, strict=False) for t in trusted]
+        self.any = bool(self._nets)
 
     def trusts(self, addr: str | None) -> bool:
         if not self._nets or not addr:
@@ -208,10 +225,10 @@ class Enricher:
 
     __slots__ = ("received_ms", "received_iso", "ip", "context", "integrations", "sent_at", "_sent_cache")
 
-    def __init__(self, received: datetime, ip: str | None,
+    def __init__(self, received_ms: int, ip: str | None,
                  context: dict[str, Any] | None = None, integrations: dict[str, Any] | None = None,
                  sent_at: Any = None) -> None:
-        self.received_ms = round(received.timestamp() * 1000)
+        self.received_ms = received_ms
         self.received_iso = iso_ms(self.received_ms)
         self.ip = ip
         self.context = context
@@ -332,12 +349,12 @@ class Ingest:
                 msg = "the write key is not valid" if body_key else \
                     "a write key is required (Authorization: Basic or Bearer, or writeKey in the body)"
                 raise RequestRejected(401, Rejection("auth", msg, "writeKey"))
-        received = now or datetime.now(timezone.utc)
-        peer_ip = self.proxies.client_ip(peer, headers.get("X-Forwarded-For"))
+        received_ms = round(now.timestamp() * 1000) if now else int(time.time() * 1000)
+        peer_ip = self.proxies.client_ip(peer, headers.get("X-Forwarded-For")) if self.proxies.any else peer
         if envelope is not None:
-            enricher = Enricher(received, peer_ip, envelope.context, envelope.integrations, envelope.sentAt)
+            enricher = Enricher(received_ms, peer_ip, envelope.context, envelope.integrations, envelope.sentAt)
         else:
-            enricher = Enricher(received, peer_ip)
+            enricher = Enricher(received_ms, peer_ip)
         rows: list[bytes] = []
         rejections: list[Rejection] = []
         dropped: list[str] = []

@@ -15,6 +15,7 @@ on a reader thread; WAL lets them run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import sqlite3
@@ -71,7 +72,8 @@ CREATE INDEX IF NOT EXISTS dead_by_destination ON dead_letters (destination, id)
 CREATE INDEX IF NOT EXISTS dead_by_message ON dead_letters (message_id);
 """
 
-SPAN = 1 << 20  # positions per row: more than a max_batch_bytes batch can hold calls
+SPAN = 1 << 20  # positions per row
+ROW_CALLS = 100_000  # calls per row at most (well below SPAN)
 #: the last position ever stored (0 when nothing was); sqlite_sequence survives purges
 END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY seq DESC LIMIT 1), "
        "(SELECT seq * 1048576 + 1048575 FROM sqlite_sequence WHERE name = 'events'), 0)")
@@ -117,6 +119,9 @@ class SqliteSpool:
         self._rconn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[asyncio.Event] = []
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[bytes]] = {}
+        self._batch_future: asyncio.Future[None] | None = None
 
     # -- life cycle -------------------------------------------------------
 
@@ -256,21 +261,29 @@ class SqliteSpool:
         return self.bytes < self.max_bytes
 
     async def append(self, source: str, rows: list[bytes]) -> None:
-        """Store calls; returns once they are committed and fsync'd."""
+        """Store calls; returns once they are committed and fsync'd.
+
+        Appends that arrive while the writer is busy share one pending
+        segment per source and one future: the writer inserts them with one
+        statement, so its thread takes the GIL a few times per group, not
+        once per request."""
         if not rows:
             return
-        segment = b"\n".join(rows)
-        size = len(segment)
+        size = sum(map(len, rows)) + len(rows) - 1
         if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
-        params = (source, time.time(), len(rows), segment)
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO events (source, received, count, data) VALUES (?, ?, ?, ?)", params)
-
+        assert self._loop is not None
+        with self._lock:
+            self._pending.setdefault(source, []).extend(rows)
+            fut = self._batch_future
+            first = fut is None
+            if fut is None:
+                fut = self._batch_future = self._loop.create_future()
+        if first:
+            self.submit(_Flush(self)).add_done_callback(functools.partial(_settle, fut))
         self.bytes += size
         try:
-            await self.submit(job)
+            await asyncio.shield(fut)
         except BaseException:
             self.bytes -= size
             raise
@@ -358,6 +371,38 @@ class SqliteSpool:
 
     async def check_writable(self) -> None:
         await self.submit(lambda conn: conn.execute("SELECT 1").fetchone())
+
+
+class _Flush:
+    """The writer's job for pending appends: takes them (once, so that a
+    retried group does not lose them) and inserts one row per source."""
+
+    def __init__(self, spool: "SqliteSpool") -> None:
+        self.spool = spool
+        self.taken: dict[str, list[bytes]] | None = None
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        if self.taken is None:
+            with self.spool._lock:
+                self.taken, self.spool._pending = self.spool._pending, {}
+                self.spool._batch_future = None
+        now = time.time()
+        for source, rows in self.taken.items():
+            for i in range(0, len(rows), ROW_CALLS):
+                part = rows[i:i + ROW_CALLS]
+                conn.execute("INSERT INTO events (source, received, count, data) VALUES (?, ?, ?, ?)",
+                             (source, now, len(part), b"\n".join(part)))
+
+
+def _settle(fut: asyncio.Future[None], job: asyncio.Future[Any]) -> None:
+    if fut.done():
+        return
+    if job.cancelled():
+        fut.set_exception(StorageFailed("the spool closed before the calls were stored"))
+    elif job.exception() is not None:
+        fut.set_exception(job.exception())  # type: ignore[arg-type]
+    else:
+        fut.set_result(None)
 
 
 def read_after(conn: sqlite3.Connection, after: int, limit: int) -> list[Record]:
