@@ -73,7 +73,7 @@ CREATE INDEX IF NOT EXISTS dead_by_message ON dead_letters (message_id);
 """
 
 SPAN = 1 << 20  # positions per row
-ROW_CALLS = 100_000  # calls per row at most (well below SPAN)
+ROW_CALLS = 10_000  # calls per row at most (well below SPAN)
 #: the last position ever stored (0 when nothing was); sqlite_sequence survives purges
 END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY seq DESC LIMIT 1), "
        "(SELECT seq * 1048576 + 1048575 FROM sqlite_sequence WHERE name = 'events'), 0)")
@@ -120,6 +120,7 @@ class SqliteSpool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[asyncio.Event] = []
         self._lock = threading.Lock()
+        self._split_cache = SplitCache()  # used on the reader thread only
         self._pending: dict[str, list[bytes]] = {}
         self._batch_future: asyncio.Future[None] | None = None
 
@@ -310,7 +311,7 @@ class SqliteSpool:
     async def read(self, after: int, limit: int) -> list[Record]:
         """Up to ``limit`` calls stored after position ``after``, in order."""
         def q(conn: sqlite3.Connection) -> list[Record]:
-            return read_after(conn, after, limit)
+            return read_after(conn, after, limit, self._split_cache)
         return await self._read(q)
 
     async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
@@ -405,24 +406,39 @@ def _settle(fut: asyncio.Future[None], job: asyncio.Future[Any]) -> None:
         fut.set_result(None)
 
 
-def read_after(conn: sqlite3.Connection, after: int, limit: int) -> list[Record]:
+class SplitCache:
+    """The last few rows read, split into calls: consecutive windows of one
+    destination read the same row, and several destinations read near each other."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self.rows: dict[int, list[bytes]] = {}
+
+    def split(self, seq: int, data: bytes) -> list[bytes]:
+        parts = self.rows.get(seq)
+        if parts is None:
+            if len(self.rows) >= self.size:
+                del self.rows[next(iter(self.rows))]
+            parts = self.rows[seq] = data.split(b"\n")
+        return parts
+
+
+def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCache | None = None) -> list[Record]:
     """Calls after position ``after``, split out of their segments."""
     row = max(0, after) // SPAN
     out: list[Record] = []
     cur = conn.execute("SELECT seq, source, received, data FROM events WHERE seq >= ? ORDER BY seq", (row,))
     try:
         while len(out) < limit:
-            got = cur.fetchmany(64)
+            got = cur.fetchmany(2)  # rows can be megabytes: fetch only what the window needs
             if not got:
                 break
             for seq, source, received, data in got:
                 base = seq * SPAN
-                for i, call in enumerate(data.split(b"\n")):
-                    pos = base + i
-                    if pos > after:
-                        out.append(Record(pos, source, received, call))
-                        if len(out) >= limit:
-                            break
+                parts = cache.split(seq, data) if cache is not None else data.split(b"\n")
+                first = max(0, after + 1 - base)
+                for i in range(first, min(len(parts), first + limit - len(out))):
+                    out.append(Record(base + i, source, received, parts[i]))
                 if len(out) >= limit:
                     break
     finally:
