@@ -1,1 +1,87 @@
-"""PLACEHOLDER (to be replaced by the Customer.io destination work): registers nothing."""
+"""``customerio_pipelines``: Pipelines calls forwarded unchanged to Customer.io's
+Pipelines API (``POST /v1/batch``), context, integrations, messageId and
+timestamps included (DESIGN.md, "Customer.io destinations").
+
+Requests carry ``X-Strict-Mode: 1`` so that Customer.io answers a bad call with
+a 400 or 401 instead of a 200 that silently drops it
+(seeds/pipelines-vs-track-api.txt, "lax and strict modes").  The answer is read
+as the Track destination reads its own (``CustomerioBatchDestination``): a 400
+for a batch is bisected to find the bad calls, bad credentials pause the
+destination, 429 and 5xx are retried.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from gateway.destination import BODY_EXCERPT, Destination, Limits, MappingError, Outcome, Paused
+from gateway.events import STRIPPED_KEYS
+from gateway.hookspecs import hookimpl
+from gateway.ingest import check_call
+from plugins.customerio_track import CustomerioBatchDestination, basic_auth, check_region
+
+_encode = msgspec.json.Encoder().encode
+
+REGIONS: dict[str, str] = {"us": "https://cdp.customer.io", "eu": "https://cdp-eu.customer.io"}
+BATCH_PATH = "/v1/batch"
+#: strict mode reports authentication errors as "401/400 with error details"
+#: (pipelines-vs-track-api.txt); a 400 that talks about credentials pauses
+#: rather than dead-lettering every call of the backlog one by one
+_AUTH_400 = re.compile(r"unauthori[sz]ed|authenticat|(?:api|write)[ _-]?key|credential", re.I)
+
+
+class CustomerioPipelinesDestination(CustomerioBatchDestination):
+    """Customer.io Pipelines API: Basic ``API_KEY:`` (empty password)."""
+
+    type = "customerio_pipelines"
+    # pipelines-api-reference.txt, "Rate and payload limits" and "Batch requests":
+    # 500KB a batch, 32KB a call, 3000 requests per 3 seconds
+    limits = Limits(max_batch_calls=100, max_batch_bytes=500_000, max_call_bytes=32_000,
+                    batch_overhead=len(b'{"batch":[]}'), rate_requests=3000.0, rate_period=3.0)
+
+    class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        #: the API key of an HTTP source in Customer.io (Data Pipelines > Sources)
+        api_key: str | int
+        region: str = "us"
+        #: overrides the region's base URL (tests, proxies)
+        endpoint: str | None = None
+
+        def __post_init__(self) -> None:
+            self.api_key = str(self.api_key)
+            if not self.api_key:
+                raise ValueError("api_key is required (the API key of a Customer.io HTTP source)")
+            self.region = check_region(self.region)
+
+    def __init__(self, name: str, settings: Settings, http: aiohttp.ClientSession | None) -> None:
+        super().__init__(name, settings, http)
+        self.batch_url = (settings.endpoint or REGIONS[settings.region]).rstrip("/") + BATCH_PATH
+        self.headers = {"Content-Type": "application/json", "X-Strict-Mode": "1",
+                        "Authorization": basic_auth(str(settings.api_key), "")}
+
+    def prepare(self, call: dict[str, Any]) -> bytes:
+        """The call itself.  A call strict mode would refuse (a transform may have
+        removed a required field) is dead-lettered here rather than costing a
+        rejected request and its bisection."""
+        problem = check_call(call, None)
+        if problem is not None:
+            raise MappingError(problem.reason.upper(), problem.message)
+        if any(k in call for k in STRIPPED_KEYS):
+            call = {k: v for k, v in call.items() if k not in STRIPPED_KEYS}
+        return _encode(call)
+
+    def pause_for(self, status: int, text: str) -> Paused | None:
+        if status == 400 and _AUTH_400.search(text):
+            return Paused("HTTP 400 about authentication: check the API key", status, text[:BODY_EXCERPT])
+        return super().pause_for(status, text)
+
+    async def send(self, payloads: list[bytes]) -> list[Outcome]:
+        return await self.post_batch(payloads)
+
+
+@hookimpl
+def register_destinations() -> list[type[Destination]]:
+    return [CustomerioPipelinesDestination]
