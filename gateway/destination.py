@@ -9,6 +9,7 @@ lives in the engine, not in sinks).
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import time
 from typing import Any, ClassVar
@@ -96,6 +97,11 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def basic_auth(username: str, password: str = "") -> str:
+    """An ``Authorization: Basic`` header value (aiohttp 3.14 deprecates ``BasicAuth``)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
 def outcome_for_status(status: int, body: str, headers: Any = None) -> Outcome:
     """The usual reading of an HTTP answer that covers a whole request."""
     excerpt = body[:BODY_EXCERPT]
@@ -118,7 +124,8 @@ class Destination:
 
     type: ClassVar[str]
     Settings: ClassVar[type[msgspec.Struct]]
-    limits: ClassVar[Limits] = Limits()
+    #: the type's limits; an object may narrow its own from its settings
+    limits: Limits = Limits()
     aliases: ClassVar[tuple[str, ...]] = ()
     #: True when ``prepare`` returns the call exactly as stored (JSON-encoded,
     #: unchanged): the engine then sends the stored bytes without decoding

@@ -18,11 +18,11 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from gateway.destination import BODY_EXCERPT, Destination, Limits, MappingError, Outcome, Paused
+from gateway.destination import BODY_EXCERPT, Destination, Limits, MappingError, Outcome, Paused, basic_auth
 from gateway.events import STRIPPED_KEYS
 from gateway.hookspecs import hookimpl
 from gateway.ingest import check_call
-from plugins.customerio_track import CustomerioBatchDestination, basic_auth, check_region
+from plugins.customerio_track import CustomerioBatchDestination, check_region
 
 _encode = msgspec.json.Encoder().encode
 

@@ -26,6 +26,7 @@ import aiohttp
 import msgspec
 
 from gateway.destination import (
+    basic_auth,
     BODY_EXCERPT, DELIVERED, Destination, Failed, Limits, MappingError, Outcome, Paused, Retry,
     outcome_for_status,
 )
@@ -318,11 +319,6 @@ def check_region(region: str) -> str:
     return normal
 
 
-def basic_auth(username: str, password: str) -> str:
-    """An ``Authorization: Basic`` value (aiohttp 3.14 deprecates ``BasicAuth``)."""
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-
-
 class CustomerioBatchDestination(Destination):
     """POSTs ``{"batch": [...]}`` and reads Customer.io's answer per item (§5.1).
 
@@ -434,7 +430,7 @@ class CustomerioTrackDestination(CustomerioBatchDestination):
         self.headers = {"Content-Type": "application/json",
                         "Authorization": basic_auth(str(settings.site_id), str(settings.api_key))}
         # the engine reads the instance's limits (gateway/destination.py declares a ClassVar)
-        self.limits = msgspec.structs.replace(  # type: ignore[misc]
+        self.limits = msgspec.structs.replace(
             type(self).limits, max_batch_calls=settings.max_ops_per_batch)
         self.convert_timestamps = settings.convert_timestamps
         self.detect_emails = settings.detect_email_user_ids
