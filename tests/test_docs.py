@@ -1,0 +1,86 @@
+"""docs/plugins.md documents every hook of gateway/hookspecs.py exactly once
+(what it is for, when it is called, what it returns), names no hook that does
+not exist, and its complete example is the sample package the tests install."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "plugins.md"
+SAMPLE = ROOT / "tests" / "plugins" / "sample_plugin"
+HEADING = re.compile(r"^### `(\w+)\((.*?)\)`$", re.MULTILINE)
+
+
+def hookspecs() -> dict[str, list[str]]:
+    """Hook name -> argument names, for every function marked ``@hookspec``."""
+    tree = ast.parse((ROOT / "gateway" / "hookspecs.py").read_text())
+    out = {}
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for dec in node.decorator_list:
+            target = dec.func if isinstance(dec, ast.Call) else dec
+            if isinstance(target, ast.Name) and target.id == "hookspec":
+                out[node.name] = [a.arg for a in node.args.args]
+    return out
+
+
+def sections() -> dict[str, list[tuple[str, str]]]:
+    """Hook heading -> every (arguments as written, section text) under that name."""
+    text = DOC.read_text()
+    found = list(HEADING.finditer(text))
+    out: dict[str, list[tuple[str, str]]] = {}
+    for i, m in enumerate(found):
+        end = found[i + 1].start() if i + 1 < len(found) else text.find("\n## ", m.end())
+        out.setdefault(m.group(1), []).append((m.group(2), text[m.end():end if end > 0 else len(text)]))
+    return out
+
+
+def test_the_hookspecs_are_found() -> None:
+    # The parser must see the hooks; if hookspecs.py is reshaped, fix the parser.
+    specs = hookspecs()
+    assert {"register_destinations", "register_transforms", "startup", "shutdown"} <= set(specs)
+
+
+@pytest.mark.parametrize("hook", sorted(hookspecs()))
+def test_every_hook_is_documented_once(hook: str) -> None:
+    found = sections().get(hook, [])
+    assert len(found) == 1, f"docs/plugins.md must have exactly one '### `{hook}(...)`' section, has {len(found)}"
+    [(args, text)] = found
+    assert [a.strip() for a in args.split(",") if a.strip()] == hookspecs()[hook], "the heading shows the arguments"
+    for part in ("**For:**", "**When:**", "**Returns:**"):
+        assert part in text, f"the section of {hook} says nothing under {part}"
+    assert "```python" in text and "@hookimpl" in text and f"def {hook}(" in text, "the section has an example"
+
+
+def test_no_section_documents_a_hook_that_does_not_exist() -> None:
+    assert set(sections()) <= set(hookspecs())
+
+
+def _block(text: str, lang: str, after: str) -> str:
+    start = text.index(after)
+    m = re.compile(rf"^```{lang}\n(.*?)^```$", re.MULTILINE | re.DOTALL).search(text, start)
+    assert m is not None
+    return m.group(1)
+
+
+def test_the_complete_example_is_the_installed_sample_package() -> None:
+    text = DOC.read_text()
+    assert _block(text, "toml", "`pyproject.toml`: the entry point") == (SAMPLE / "pyproject.toml").read_text()
+    assert _block(text, "python", "`gateway_sample_plugin.py`: a destination") == \
+        (SAMPLE / "gateway_sample_plugin.py").read_text()
+    assert '[project.entry-points.gateway]\nsample = "gateway_sample_plugin"' in \
+        (SAMPLE / "pyproject.toml").read_text()
+
+
+def test_every_python_example_compiles() -> None:
+    text = DOC.read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+    assert len(blocks) >= 5
+    for block in blocks:
+        compile(block, "docs/plugins.md", "exec")
