@@ -6,6 +6,12 @@ holds back neither ingest nor the others; its backlog waits on disk.  The
 read position only moves once every call before it is delivered, scheduled
 for a retry or dead-lettered, in one transaction: a crash at any instant
 re-sends (at least once), never skips.
+
+When a whole batch fails (network error, 5xx, 429, a paused destination),
+the destination is down, not the calls: the read position stays before that
+batch and the worker waits (backoff, Retry-After), so the backlog stays in
+the spool, in order, costing nothing.  Only calls a destination refuses one
+by one go to the retries table.
 """
 
 from __future__ import annotations
@@ -159,6 +165,9 @@ class Worker:
         self.stats = Stats()
         self.hold_until = 0.0
         self.pause_for = PAUSE_MIN
+        #: the head of the queue while whole batches fail: (position, since, attempts)
+        self.stall: tuple[int, float, int] | None = None
+        dest.throttle = self.bucket.take  # for a send that makes more than one request
         #: when the retries this worker scheduled are due (a min-heap)
         self.retry_times: list[float] = []
         self.stopping = False
@@ -299,8 +308,8 @@ class Worker:
     # -- one step ------------------------------------------------------------
 
     async def _deliver_records(self, records: list[Record]) -> int:
-        ack = Ack(self.name, cursor=records[-1].seq)
         items: list[Item] = []
+        planned: list[tuple[int, DeadLetter | str]] = []  # dead letters and skips, by position
         now = time.time()
         for i, r in enumerate(records):
             if i and not i % YIELD_EVERY:
@@ -309,13 +318,58 @@ class Worker:
             if p.payload is not None:
                 items.append(Item(r.seq, r.source, r.data, p.payload))
             elif p.error is not None:
-                ack.dead.append(self._dead(r.seq, r.source, r.data, p.error, None, "", 0, now))
+                planned.append((r.seq, self._dead(r.seq, r.source, r.data, p.error, None, "", 0, now, False)))
             else:
-                self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
-        await self._send_all(items, ack)
+                planned.append((r.seq, "routing" if p.refused else p.dropped or "dropped"))
+        results = await self._send_batches(items)
+        cut = self._stalled_at(results)
+        ack = Ack(self.name, cursor=records[-1].seq if cut is None else cut - 1)
+        for seq, what in planned:
+            if cut is not None and seq >= cut:
+                continue  # planned again when the worker comes back to it
+            if isinstance(what, DeadLetter):
+                self._count_dead(what)
+                ack.dead.append(what)
+            else:
+                self.stats.count(self.stats.skipped, what)
+        self._record_all(results, ack, cut)
         await self.spool.ack(ack)
-        self.position = records[-1].seq
+        self.position = ack.cursor if ack.cursor is not None else self.position
         return len(records)
+
+    def _stalled_at(self, results: list[tuple[list[Item], list[Any]]]) -> int | None:
+        """The position of the first batch that failed whole (the destination,
+        not its calls), after which nothing is recorded; None when none did or
+        when the head has been retried past the retry policy (then its calls
+        are dead-lettered one by one)."""
+        now = time.time()
+        for batch, outcomes in results:
+            if not outcomes or not all(isinstance(o, (Retry, Paused, Deferred)) for o in outcomes):
+                continue
+            head = batch[0].seq
+            first = next((o for o in outcomes if isinstance(o, Retry)), None)
+            pos, since, attempts = self.stall if self.stall and self.stall[0] == head else (head, now, 0)
+            if first is not None:
+                attempts += 1
+                policy = self.dc.retry
+                if attempts >= policy.max_attempts and now - since >= policy.max_age:
+                    # Past the policy: the calls take the per-call path, which
+                    # dead-letters them with these counts.
+                    self.stall = None
+                    for it in batch:
+                        it.pending = Pending(it.seq, it.data, it.source, attempts - 1, since, now)
+                    return None
+                delay = backoff(policy, attempts)
+                if first.retry_after is not None:
+                    delay = max(delay, first.retry_after)
+                self.hold_until = max(self.hold_until, now + delay)
+                self.stats.retried += len(outcomes)
+                log.warning("%s: batch failed (%s); holding the queue for %.1fs (attempt %d)",
+                            self.name, first.reason, delay, attempts)
+            self.stall = (pos, since, attempts)
+            return head
+        self.stall = None
+        return None
 
     async def _deliver_retries(self, due: list[Pending]) -> int:
         ack = Ack(self.name)
@@ -334,7 +388,7 @@ class Worker:
                                            None, "", pend.attempts, now))
             else:
                 self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
-        await self._send_all(items, ack)
+        self._record_all(await self._send_batches(items), ack)
         await self.spool.ack(ack)
         return len(due)
 
@@ -353,14 +407,20 @@ class Worker:
             out.append(cur)
         return out
 
-    async def _send_all(self, items: list[Item], ack: Ack) -> None:
+    async def _send_batches(self, items: list[Item]) -> list[tuple[list[Item], list[Any]]]:
         if not items:
-            return
-        results = await asyncio.gather(*(self._send(b) for b in self._batches(items)))
+            return []
+        return list(await asyncio.gather(*(self._send(b) for b in self._batches(items))))
+
+    def _record_all(self, results: list[tuple[list[Item], list[Any]]], ack: Ack, cut: int | None = None) -> None:
         now = time.time()
         for batch, outcomes in results:
+            # One backoff a batch: its calls come due together and go out together again.
+            delay = backoff(self.dc.retry, max((it.pending.attempts if it.pending else 0) for it in batch) + 1)
             for it, oc in zip(batch, outcomes):
-                self._record(it, oc, ack, now)
+                if cut is not None and it.seq >= cut and not isinstance(oc, Delivered):
+                    continue
+                self._record(it, oc, ack, now, delay)
 
     def _held(self) -> Deferred | None:
         """Why nothing may be sent now, if something forbids it."""
@@ -418,7 +478,7 @@ class Worker:
         self.stats.paused = True
         self.pause_for = min(PAUSE_MAX, self.pause_for * 2)
 
-    def _record(self, it: Item, oc: Outcome | Paused | Deferred, ack: Ack, now: float) -> None:
+    def _record(self, it: Item, oc: Outcome | Paused | Deferred, ack: Ack, now: float, delay: float) -> None:
         pend = it.pending
         if isinstance(oc, Delivered):
             self.stats.delivered += 1
@@ -453,7 +513,6 @@ class Worker:
                 ack.dead.append(self._dead(it.seq, it.source, it.data, why, oc.status, oc.body,
                                            attempts, now))
                 return
-            delay = backoff(policy, attempts)
             if oc.retry_after is not None:
                 delay = max(delay, oc.retry_after)
                 self.hold_until = max(self.hold_until, now + oc.retry_after)
@@ -469,12 +528,16 @@ class Worker:
                                    attempts, now))
 
     def _dead(self, seq: int, source: str, data: bytes, reason: str, status: int | None,
-              body: str, attempts: int, now: float) -> DeadLetter:
-        self.stats.count(self.stats.dead, reason_label(reason, status))
-        message_id = _message_id(data)
-        log.info("%s: dead letter %s: %s", self.name, message_id, reason)
-        return DeadLetter(0, self.name, seq, message_id, reason, status, body[:BODY_EXCERPT], attempts, now,
-                          source, data)
+              body: str, attempts: int, now: float, count: bool = True) -> DeadLetter:
+        x = DeadLetter(0, self.name, seq, _message_id(data), reason, status, body[:BODY_EXCERPT], attempts, now,
+                       source, data)
+        if count:
+            self._count_dead(x)
+        return x
+
+    def _count_dead(self, x: DeadLetter) -> None:
+        self.stats.count(self.stats.dead, reason_label(x.reason, x.status))
+        log.info("%s: dead letter %s: %s", self.name, x.message_id, x.reason)
 
 
 def _message_id(data: bytes) -> str:

@@ -152,6 +152,12 @@ class Destination:
         batch; raising ``Paused`` keeps it queued and pauses the destination."""
         raise NotImplementedError
 
+    async def throttle(self) -> None:
+        """Wait for the destination's rate limit.  The engine takes a turn
+        before each ``send``; a send that makes more than one request (a
+        split, a bisection) awaits this before each further one.  The engine
+        replaces it with its own limiter."""
+
     async def close(self) -> None:
         """Release what the object holds (files, sockets)."""
 

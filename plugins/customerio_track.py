@@ -339,10 +339,12 @@ class CustomerioBatchDestination(Destination):
             return Paused(f"HTTP {status}: {hint}", status, text[:BODY_EXCERPT])
         return None
 
-    async def post_batch(self, payloads: list[bytes]) -> list[Outcome]:
+    async def post_batch(self, payloads: list[bytes], turns: "Turns | None" = None) -> list[Outcome]:
         """One request, split further when Customer.io refuses it whole:
         a 400 is bisected to find the bad calls, a 413 halved (§5.1)."""
         assert self.http is not None, "the engine sets the HTTP session before sending"
+        turns = turns or Turns(self)
+        await turns.take()
         async with self.http.post(self.batch_url, data=self.batch_body(payloads), headers=self.headers) as resp:
             status = resp.status
             text = await resp.text(errors="replace")
@@ -358,11 +360,26 @@ class CustomerioBatchDestination(Destination):
                 log.warning("%s: HTTP 400 for a batch of %d calls; bisecting to find the bad ones "
                             "(a mapping bug if it is ours): %s", self.name, n, text[:200])
             mid = n // 2
-            return await self.post_batch(payloads[:mid]) + await self.post_batch(payloads[mid:])
+            return await self.post_batch(payloads[:mid], turns) + await self.post_batch(payloads[mid:], turns)
         if status == 413:
             return [Failed(f"LIMIT_EXCEEDED: HTTP 413 for a single call of {len(payloads[0])} bytes",
                            status, text[:BODY_EXCERPT])]
         return [whole] * n
+
+
+class Turns:
+    """The rate limit inside one ``send``: the engine paid for its first
+    request; every further one (a split, a bisection) waits its turn."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.dest = dest
+        self.first = True
+
+    async def take(self) -> None:
+        if self.first:
+            self.first = False
+        else:
+            await self.dest.throttle()
 
 
 def item_outcomes(status: int, text: str, n: int) -> list[Outcome]:
@@ -722,12 +739,13 @@ class CustomerioTrackDestination(CustomerioBatchDestination):
         outcomes: list[Outcome] = [DELIVERED] * len(payloads)
         v2 = [i for i, p in enumerate(payloads) if not p.startswith(_V1_PREFIX)]
         held: Retry | None = None
+        turns = Turns(self)
         for part in _merge_safe_parts(payloads, v2):
             if held is not None:  # an earlier part failed: keep the order, send nothing after it
                 for i in part:
                     outcomes[i] = held
                 continue
-            results = await self.post_batch([payloads[i] for i in part])
+            results = await self.post_batch([payloads[i] for i in part], turns)
             for i, oc in zip(part, results):
                 outcomes[i] = oc
             failed = next((oc for oc in results if isinstance(oc, Retry)), None)
@@ -736,12 +754,13 @@ class CustomerioTrackDestination(CustomerioBatchDestination):
                              failed.retry_after)
         for i, p in enumerate(payloads):
             if p.startswith(_V1_PREFIX):
-                outcomes[i] = await self._post_metric(p)
+                outcomes[i] = await self._post_metric(p, turns)
         return outcomes
 
-    async def _post_metric(self, payload: bytes) -> Outcome:
+    async def _post_metric(self, payload: bytes, turns: Turns) -> Outcome:
         """Appendix B: one unbatched request, classified as §5.1 without batch_index."""
         assert self.http is not None
+        await turns.take()
         async with self.http.post(self.metrics_url, data=payload, headers=self.headers) as resp:
             text = await resp.text(errors="replace")
             outcome = outcome_for_status(resp.status, text, resp.headers)

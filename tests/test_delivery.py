@@ -248,10 +248,13 @@ async def test_paused_keeps_calls_queued(gateway_client: Any, fake: Fake, tmp_pa
     client = await gateway_client(body([itemized("Items", fake.url)], plugins=["itemized_destination"]))
     await post_batch(client, [track("m-1"), track("m-2")])
     await fake.wait_requests(2)
-    # Paused (the second pause lasts 0.6 s): queued, no attempt counted, not dead.
+    # Paused (the second pause lasts 0.6 s): the calls stay queued in the spool,
+    # in order, behind the destination's read position; no attempt is counted
+    # and nothing is dead-lettered or moved to the retries table.
     await wait_metric(client, "gateway_destination_paused", lambda v: v == 1, timeout=0.5, destination="Items")
-    rows = query(tmp_path, "SELECT seq, attempts, status, reason FROM retries ORDER BY seq")
-    assert [r[1:] for r in rows] == [(0, 401, "paused: the API refused the token (HTTP 401)")] * 2
+    assert query(tmp_path, "SELECT count(*) FROM retries") == [(0,)]
+    [(cursor,)] = query(tmp_path, "SELECT seq FROM cursors WHERE destination = 'Items'")
+    assert [r[0] for r in query(tmp_path, "SELECT seq FROM events")] == [cursor // (1 << 20) + 1]
     assert dead_letters(tmp_path) == []
     reqs = await fake.wait_requests(3)
     assert reqs[1].t - reqs[0].t >= 0.3 and reqs[2].t - reqs[1].t >= 0.6, "the pause doubles"
@@ -331,14 +334,16 @@ async def test_backlog_and_oldest_pending_age(gateway_client: Any, fake: Fake) -
     assert sample(ms, "gateway_destination_retry_backlog", destination="Hook") == 0
 
 
-async def test_retry_backlog_and_age_count_calls_waiting_for_a_retry(gateway_client: Any, fake: Fake) -> None:
+async def test_a_failing_destination_keeps_its_backlog_in_the_spool(gateway_client: Any, fake: Fake) -> None:
+    """A whole batch failing means the destination is down: the calls stay in
+    the spool, in order, behind the read position (not one retry row each)."""
     fake.default = status(503, headers={"Retry-After": "60"})
     client = await gateway_client(body([webhook("Hook", fake.url)]))
     await post_batch(client, [track("m-1"), track("m-2")])
     await fake.wait_requests(1)
-    await wait_metric(client, "gateway_destination_retry_backlog", lambda v: v == 2, destination="Hook")
+    await wait_metric(client, "gateway_destination_backlog", lambda v: v == 2, destination="Hook")
     ms = await metrics(client)
-    assert sample(ms, "gateway_destination_backlog", destination="Hook") == 0
+    assert sample(ms, "gateway_destination_retry_backlog", destination="Hook") == 0
     assert sample(ms, "gateway_destination_retried_total", destination="Hook") == 2
     assert (sample(ms, "gateway_destination_oldest_pending_age_seconds", destination="Hook") or 0) > 0
     assert len(fake.requests) == 1
