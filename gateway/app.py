@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -18,7 +19,7 @@ from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_doc
 from gateway.config import Config
 from gateway.delivery import Delivery, Worker
 from gateway.events import BATCH_PATHS, PATH_TYPES
-from gateway.ingest import Ingest, Rejection, RequestRejected
+from gateway.ingest import Ingest, Rejection, RequestRejected, key_from_header
 from gateway.metrics import Counters, registry_for, render
 from gateway.plugins import build
 from gateway.spool import SpoolFull, StorageFailed
@@ -28,6 +29,7 @@ log = logging.getLogger("gateway")
 
 KINDS = frozenset(PATH_TYPES) | BATCH_PATHS
 ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+X_GZIP = "x-gzip"  # RFC 9110 8.4.1.3: gzip; aiohttp leaves it to us
 RETRY_AFTER = "5"
 OK = b"{}"
 _encode = msgspec.json.Encoder().encode
@@ -78,7 +80,25 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         detail = getattr(cause, "message", "") or type(cause).__name__
         raise RequestRejected(400, Rejection("encoding", f"the body could not be read as {encoding or 'sent'}: "
                                              f"{str(detail).strip()}", "Content-Encoding")) from None
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return inflate_gzip(body, limit) if encoding == X_GZIP else body
+
+
+def inflate_gzip(data: bytes, limit: int) -> bytes:
+    """Gzip that aiohttp did not inflate, capped at ``limit`` bytes of output."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise RequestRejected(400, Rejection("encoding", f"the body could not be read as gzip: {e}",
+                                             "Content-Encoding")) from None
+    if len(out) > limit:
+        raise RequestRejected(400, Rejection("size", f"request body is over {limit} bytes once decompressed",
+                                             "body", limit))
+    if not d.eof:
+        raise RequestRejected(400, Rejection("encoding", "the gzip body ends before its trailer",
+                                             "Content-Encoding"))
+    return out
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -136,7 +156,8 @@ class Handlers:
     async def calls(self, request: web.Request, kind: str) -> web.Response:
         counters = self.counters
         headers = request.headers
-        strict = headers.get("X-Strict-Mode", "").strip().lower() in ("1", "true")
+        # seeds/pipelines-api-reference.txt: "1" is strict, any other value permissive
+        strict = headers.get("X-Strict-Mode", "").strip() == "1"
         ingest = self.ingest
         try:
             body = await read_body(request, ingest.body_limit(kind))
@@ -144,6 +165,10 @@ class Handlers:
         except RequestRejected as e:
             r = e.rejection
             counters.bump(counters.rejected, r.reason)
+            if not strict and e.status != 401:
+                # A source with strict: true is strict before its body is read.
+                src = ingest.keys.source_for(key_from_header(headers.get("Authorization")))
+                strict = src is not None and src.strict
             unread = not request.content.is_eof()  # close rather than drain what is left
             log.info("rejected %s request from %s: %s", request.path, request.remote, r.message)
             resp = _json(e.status, _error_body(r)) if strict else web.Response(body=OK, content_type="application/json")
@@ -210,7 +235,7 @@ class Handlers:
         if spool is None:
             problems.append("spool not open")
         else:
-            if not spool.has_room():
+            if not spool.has_room(self.cfg.server.max_event_bytes):
                 problems.append(f"spool full ({spool.bytes} of {spool.max_bytes} bytes)")
             try:
                 async with asyncio.timeout(2.0):

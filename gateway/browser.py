@@ -20,17 +20,36 @@ SEGMENT = "Segment.io"
 CUSTOMERIO = "Customer.io Data Pipelines"
 ALLOW_HEADERS = "authorization, content-type, x-retry-count"
 MAX_AGE = "86400"
+PROTOCOLS = frozenset({"http", "https"})
+
+
+def _split_public_url(url: str) -> tuple[str, str]:
+    """``server.public_url`` → (protocol, host[:port][/path]); a URL without a
+    scheme is taken as https."""
+    proto, sep, rest = url.strip().partition("://")
+    if not sep:
+        proto, rest = "https", url.strip()
+    proto = proto.lower()
+    return (proto if proto in PROTOCOLS else "https"), rest.rstrip("/")
+
+
+def _first(value: str | None) -> str:
+    """The first (client-side) entry of a comma-separated X-Forwarded-* header."""
+    return value.split(",")[0].strip() if value else ""
 
 
 def public_base(request: web.Request, cfg: Config, trust: ProxyTrust) -> tuple[str, str]:
-    """(protocol, host[:port]) SDKs should post to."""
+    """(protocol, host[:port]) SDKs should post to: ``server.public_url`` if
+    set, else the request's scheme and Host, or X-Forwarded-Proto/-Host
+    when the peer is a trusted proxy."""
     if cfg.server.public_url:
-        proto, _, rest = cfg.server.public_url.partition("://")
-        return proto or "https", rest.rstrip("/")
+        return _split_public_url(cfg.server.public_url)
     proto, host = request.scheme, request.host
     if trust.trusts(request.remote):
-        proto = request.headers.get("X-Forwarded-Proto", proto).split(",")[0].strip() or proto
-        host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip() or host
+        fwd_proto = _first(request.headers.get("X-Forwarded-Proto")).lower()
+        if fwd_proto in PROTOCOLS:
+            proto = fwd_proto
+        host = _first(request.headers.get("X-Forwarded-Host")) or host
     return proto, host
 
 
@@ -54,7 +73,10 @@ def settings_document(integration: str, write_key: str, protocol: str, host: str
         "analyticsNextEnabled": True,
         "middlewareSettings": {},
         "enabledMiddleware": {},
-        "metrics": {"sampleRate": 0},
+        # sampleRate 0: analytics.js reports nothing to its vendor (its
+        # default host is api.segment.io); host: if a page turns reports on
+        # anyway, they come here (POST /v1/m), over https only.
+        "metrics": {"sampleRate": 0, "host": f"{host}/v1"},
         "legacyVideoPluginsEnabled": False,
         "remotePlugins": [],
     }
@@ -93,4 +115,8 @@ class Cors:
             "Access-Control-Allow-Headers": ALLOW_HEADERS,
             "Access-Control-Max-Age": MAX_AGE,
         })
+        # Chromium's Private Network Access: a site on a public address may
+        # post to a gateway on a private one if the preflight says so.
+        if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+            headers["Access-Control-Allow-Private-Network"] = "true"
         return web.Response(status=204, headers=headers)

@@ -2,14 +2,17 @@
 
 The YAML is parsed once into nodes so that an error can name the line of the
 key it is about; ``${VAR}`` and ``${VAR:-default}`` are expanded in scalar
-values (never in keys), and a value that is one whole reference is read again
-as YAML so that ``port: ${PORT:-8080}`` is still an integer.
+values (never in keys), and a plain (unquoted) value that is one whole
+reference is read again as YAML so that ``port: ${PORT:-8080}`` is still an
+integer; a quoted one stays a string, so ``write_keys: ["${KEY}"]`` works
+when the key happens to be all digits.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -137,7 +140,7 @@ class DestinationConfig(Base):
     enabled: bool = True
 
 
-class Config(Base):
+class Config(Base, weakref=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     sources: list[SourceConfig] = msgspec.field(default_factory=list)
@@ -146,7 +149,7 @@ class Config(Base):
     plugins: list[str] = msgspec.field(default_factory=list)
 
 
-def _expand(value: str, line: int, env: dict[str, str]) -> Any:
+def _expand(value: str, line: int, env: dict[str, str], typed: bool = True) -> Any:
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         got = env.get(name)
@@ -157,7 +160,7 @@ def _expand(value: str, line: int, env: dict[str, str]) -> Any:
             return default
         return got
 
-    whole = ENV_REF.fullmatch(value)
+    whole = typed and ENV_REF.fullmatch(value)
     out = ENV_REF.sub(sub, value)
     if whole:
         try:
@@ -181,7 +184,8 @@ def _construct(node: yaml.Node, env: dict[str, str]) -> Any:
         return [_construct(v, env) for v in node.value]
     value = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), node)  # type: ignore[arg-type]
     if node.tag == "tag:yaml.org,2002:str" and "${" in value:
-        return _expand(value, node.start_mark.line + 1, env)
+        # Only a plain scalar is typed; "${X}" and '${X}' say "a string".
+        return _expand(value, node.start_mark.line + 1, env, typed=node.style is None)
     loader = yaml.SafeLoader("")
     return loader.construct_object(node, deep=True)
 
@@ -212,8 +216,9 @@ def _line_of(root: yaml.Node | None, path: str, extra_key: str | None) -> int | 
     return line
 
 
-def convert(data: Any, type_: type, root: yaml.Node | None = None, where: str = "") -> Any:
-    """msgspec.convert with an error that names the key, and its line when known."""
+def convert(data: Any, type_: type, root: yaml.Node | None = None, where: str = "", base: str = "$") -> Any:
+    """msgspec.convert with an error that names the key, and its line when
+    known; ``base`` is where ``data`` sits in the YAML (``$.destinations[0].settings``)."""
     try:
         return msgspec.convert(data, type_, dec_hook=_dec_hook)
     except msgspec.ValidationError as e:
@@ -221,7 +226,7 @@ def convert(data: Any, type_: type, root: yaml.Node | None = None, where: str = 
         m = re.search(r"at `(\$[^`]*)`", msg)
         path = m.group(1) if m else "$"
         unknown = re.match(r"Object contains unknown field `([^`]*)`", msg)
-        line = _line_of(root, path, unknown.group(1) if unknown else None)
+        line = _line_of(root, base + path[1:], unknown.group(1) if unknown else None)
         key = path[1:].lstrip(".") if path != "$" else ""
         if unknown:
             key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
@@ -230,6 +235,17 @@ def convert(data: Any, type_: type, root: yaml.Node | None = None, where: str = 
             msg = f"{key}: {msg.split(' - at ')[0]}"
         prefix = f"line {line}: " if line else ""
         raise ConfigError(f"{where}{prefix}{msg}") from None
+
+
+#: each loaded config's YAML nodes (by id; Structs are not hashable), so that
+#: plugin settings errors can name lines too
+_NODES: dict[int, tuple["weakref.ref[Config]", yaml.Node]] = {}
+
+
+def node_of(cfg: Config) -> yaml.Node | None:
+    """The YAML a config was read from, for line numbers in later errors."""
+    got = _NODES.get(id(cfg))
+    return got[1] if got is not None and got[0]() is cfg else None
 
 
 def loads(text: str, env: dict[str, str] | None = None) -> Config:
@@ -247,6 +263,9 @@ def loads(text: str, env: dict[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of keys to values")
     cfg: Config = convert(data, Config, root)
+    if root is not None:
+        key = id(cfg)
+        _NODES[key] = (weakref.ref(cfg, lambda _: _NODES.pop(key, None)), root)
     check(cfg, root)
     return cfg
 

@@ -40,7 +40,7 @@ OBJECT_KEYS: Final = ("context", "integrations", "properties", "traits")
 class BatchEnvelope(msgspec.Struct):
     """``POST /v1/batch`` (and ``/v1/import``, ``/v1/b``)."""
 
-    batch: list[Any]
+    batch: list[msgspec.Raw]
     context: dict[str, Any] | None = None
     integrations: dict[str, Any] | None = None
     sentAt: Any = None

@@ -295,11 +295,17 @@ class Enricher:
         return None
 
 
-def _sized(data: bytes, limit: int, field: str, index: int | None) -> Rejection | None:
-    if len(data) > limit:
-        return Rejection("size", f"call is {len(data)} bytes; the limit is {limit} (server.max_event_bytes)",
-                         field, limit, index)
-    return None
+BOM = b"\xef\xbb\xbf"
+#: what decoding hostile JSON may raise besides ValidationError
+BAD_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8"
+    return str(e)
 
 
 class Ingest:
@@ -328,21 +334,24 @@ class Ingest:
             raise RequestRejected(401, Rejection("auth", "the write key is not valid", "Authorization"))
         is_batch = kind in BATCH_PATHS
         type_ = None if is_batch else PATH_TYPES[kind]
+        if body[:3] == BOM:
+            body = body[3:]
         envelope: Any
+        items: list[Any]
         try:
             if is_batch:
                 envelope = batch_decoder.decode(body)
-                calls = envelope.batch
+                items = envelope.batch
                 body_key = envelope.writeKey
             else:
                 envelope = None
                 single = call_decoder.decode(body)
-                calls = [single]
+                items = [single]
                 body_key = single.get("writeKey")
         except msgspec.ValidationError as e:
             raise RequestRejected(400, Rejection("json", f"invalid request: {e}", _field_of(e))) from None
-        except msgspec.DecodeError as e:
-            raise RequestRejected(400, Rejection("json", f"body is not valid JSON: {e}")) from None
+        except BAD_JSON as e:
+            raise RequestRejected(400, Rejection("json", f"body is not valid JSON: {_why(e)}")) from None
         if source is None:
             source = self.keys.source_for(body_key) if isinstance(body_key, str) else None
             if source is None:
@@ -360,8 +369,24 @@ class Ingest:
         dropped: list[str] = []
         transforms = self.transforms
         limit = self.max_event
-        for i, call in enumerate(calls):
+        for i, item in enumerate(items):
             index = i if is_batch else None
+            if is_batch:
+                # Each call is measured as sent and decoded on its own: one
+                # malformed call costs only itself.
+                if len(item) > limit:
+                    rejections.append(Rejection(
+                        "size", f"call is {len(item)} bytes; the limit is {limit} (server.max_event_bytes)",
+                        f"batch[{i}]", limit, i))
+                    continue
+                try:
+                    call = call_decoder.decode(item)
+                except (msgspec.ValidationError, *BAD_JSON) as e:
+                    rejections.append(Rejection("json", f"a call must be a JSON object: {_why(e)}",
+                                                f"batch[{i}]", None, i))
+                    continue
+            else:
+                call = item
             problem = check_call(call, type_)
             if problem is not None:
                 problem.index = index
@@ -382,11 +407,7 @@ class Ingest:
                     dropped.append(t.drop_reason)
                     break
             else:
-                data = encoder.encode(call)
-                if is_batch and (too_big := _sized(data, limit, f"batch[{i}]", i)):
-                    rejections.append(too_big)
-                    continue
-                rows.append(data)
+                rows.append(encoder.encode(call))
         return Prepared(source, rows, rejections, dropped)
 
 

@@ -14,7 +14,7 @@ import msgspec
 import pluggy
 
 from gateway import hookspecs
-from gateway.config import Config, ConfigError, DestinationConfig, TransformConfig, convert
+from gateway.config import Config, ConfigError, DestinationConfig, TransformConfig, convert, node_of
 from gateway.destination import Destination, Transform
 
 #: built-in plugins: ordinary plugin modules with exactly a third party's power
@@ -97,22 +97,22 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
     return reg
 
 
-def build_transform(reg: Registry, tc: TransformConfig, where: str) -> Transform:
+def build_transform(reg: Registry, tc: TransformConfig, where: str, root: Any = None) -> Transform:
     cls = reg.transforms.get(tc.type)
     if cls is None:
         raise ConfigError(f"{where}.type: unknown transform type {tc.type!r} "
                           f"(known: {', '.join(sorted(reg.transforms))})")
-    settings = convert(tc.settings, cls.Settings, where=f"{where}.settings: ")
+    settings = convert(tc.settings, cls.Settings, root, f"{where}.settings: ", f"$.{where}.settings")
     return cls(settings)
 
 
 def build_destination(reg: Registry, dc: DestinationConfig, where: str,
-                      http: aiohttp.ClientSession | None) -> Destination:
+                      http: aiohttp.ClientSession | None, root: Any = None) -> Destination:
     cls = reg.destinations.get(dc.type)
     if cls is None:
         raise ConfigError(f"{where}.type: unknown destination type {dc.type!r} "
                           f"(known: {', '.join(sorted(reg.destinations))})")
-    settings = convert(dc.settings, cls.Settings, where=f"{where} ({dc.name}).settings: ")
+    settings = convert(dc.settings, cls.Settings, root, f"{where} ({dc.name}).settings: ", f"$.{where}.settings")
     return cls(dc.name, settings, http)
 
 
@@ -129,10 +129,12 @@ def build(cfg: Config, http: aiohttp.ClientSession | None = None) -> Built:
     """Build plugin objects for a config; raises ConfigError naming the key."""
     pm = make_manager(cfg.plugins)
     reg = build_registry(pm)
-    src = [build_transform(reg, t, f"transforms[{i}]") for i, t in enumerate(cfg.transforms)]
+    root = node_of(cfg)
+    src = [build_transform(reg, t, f"transforms[{i}]", root) for i, t in enumerate(cfg.transforms)]
     dests = []
     for i, dc in enumerate(cfg.destinations):
-        dest = build_destination(reg, dc, f"destinations[{i}]", http)
-        dts = [build_transform(reg, t, f"destinations[{i}].transforms[{j}]") for j, t in enumerate(dc.transforms)]
+        dest = build_destination(reg, dc, f"destinations[{i}]", http, root)
+        dts = [build_transform(reg, t, f"destinations[{i}].transforms[{j}]", root)
+               for j, t in enumerate(dc.transforms)]
         dests.append((dc, dest, dts))
     return Built(pm, reg, src, dests)

@@ -46,7 +46,11 @@ class FileDestination(Destination):
             directory = os.path.dirname(self.settings.path)
             if directory:
                 os.makedirs(directory, exist_ok=True)
-            self._fd = os.open(self.settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self.settings.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            # A crash can cut a write short: start on a line of our own.
+            size = os.fstat(self._fd).st_size
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)

@@ -106,7 +106,9 @@ class SqliteSpool:
         self.dir = Path(path)
         self.file = self.dir / "spool.sqlite3"
         self.max_bytes = max_bytes
-        self.bytes = 0  # bytes of stored calls, pending appends included
+        #: bytes of stored calls and their separators (a row's length + 1),
+        #: pending appends included
+        self.bytes = 0
         self.rows = 0  # calls stored
         self.last_seq = 0
         #: called with each group commit's duration (metrics)
@@ -131,7 +133,7 @@ class SqliteSpool:
         self.dir.mkdir(parents=True, exist_ok=True)
         wconn = connect(self.file)
         self.rows, self.bytes = wconn.execute(
-            "SELECT coalesce(sum(count), 0), coalesce(sum(length(data)), 0) FROM events").fetchone()
+            "SELECT coalesce(sum(count), 0), coalesce(sum(length(data) + 1), 0) FROM events").fetchone()
         self.last_seq = wconn.execute(END).fetchone()[0]
         self._rconn = connect(self.file, readonly=True)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
@@ -258,8 +260,9 @@ class SqliteSpool:
 
     # -- ingest -----------------------------------------------------------
 
-    def has_room(self) -> bool:
-        return self.bytes < self.max_bytes
+    def has_room(self, size: int = 1) -> bool:
+        """Whether ``size`` more bytes of calls fit."""
+        return self.bytes + size <= self.max_bytes
 
     async def append(self, source: str, rows: list[bytes]) -> None:
         """Store calls; returns once they are committed and fsync'd.
@@ -270,7 +273,7 @@ class SqliteSpool:
         once per request."""
         if not rows:
             return
-        size = sum(map(len, rows)) + len(rows) - 1
+        size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
         if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
         assert self._loop is not None
@@ -360,7 +363,7 @@ class SqliteSpool:
             # AUTOINCREMENT: emptying the table never hands out old ids again.
             where = "seq <= ? AND seq * 1048576 + count - 1 <= ? AND received <= ?"
             args = (upto // SPAN, upto, time.time() - retention)
-            got = conn.execute(f"SELECT coalesce(sum(count), 0), coalesce(sum(length(data)), 0) FROM events "
+            got = conn.execute(f"SELECT coalesce(sum(count), 0), coalesce(sum(length(data) + 1), 0) FROM events "
                                f"WHERE {where}", args).fetchone()
             if got[0]:
                 conn.execute(f"DELETE FROM events WHERE {where}", args)
