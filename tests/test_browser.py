@@ -651,10 +651,23 @@ async def test_real_browser_sdk(name: str, sink: Any, gateway_process: Any, aioh
 
 
 # ---------------------------------------------------------------------------
-# docs/browser.md shows the snippets the browser tests run
+# README.md's "Browser" section shows the snippets the browser tests run
 # ---------------------------------------------------------------------------
 
-DOC = ROOT / "docs" / "browser.md"
+README = ROOT / "README.md"
+
+
+class _Section:
+    """README.md's "## Browser" section, read like a file."""
+
+    def read_text(self) -> str:
+        text = README.read_text()
+        start = text.index("\n## Browser\n")
+        end = text.find("\n## ", start + 1)
+        return text[start:end if end >= 0 else None]
+
+
+DOC = _Section()
 DOC_GATEWAY = "https://events.example.com"
 
 
