@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway import config as config_mod
 from gateway.app import create_app
 from gateway.config import Config
+from waiting import wait_on
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "test-write-key"
@@ -95,15 +96,8 @@ class Sink:
         return resp
 
     async def wait_for(self, n_calls: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while len(self.calls) < n_calls:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"sink got {len(self.calls)} calls, expected {n_calls}")
-            self.received.clear()
-            try:
-                await asyncio.wait_for(self.received.wait(), 0.2)
-            except asyncio.TimeoutError:
-                pass
+        await wait_on(self.received, lambda: len(self.calls) >= n_calls, timeout,
+                      lambda: f"sink got {len(self.calls)} calls, expected {n_calls}")
         return self.calls
 
 

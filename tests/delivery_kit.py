@@ -18,6 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_on
 
 WRITE_KEY = "test-write-key"  # the key conftest.config_text gives the source "web"
 AUTH = {"Authorization": f"Bearer {WRITE_KEY}"}
@@ -105,15 +106,8 @@ class Fake:
             pass
 
     async def wait_requests(self, n: int, timeout: float = 10.0) -> list[Req]:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < n:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the fake got {len(self.requests)} requests, expected {n}")
-            self.arrived.clear()
-            try:
-                await asyncio.wait_for(self.arrived.wait(), 0.1)
-            except asyncio.TimeoutError:
-                pass
+        await wait_on(self.arrived, lambda: len(self.requests) >= n, timeout,
+                      lambda: f"the fake got {len(self.requests)} requests, expected {n}")
         return self.requests
 
     def answered(self, code: int = 200) -> list[Req]:

@@ -197,6 +197,19 @@ async def test_settings_ignores_forwarded_proto_that_is_not_http(gateway_client:
     assert (own["apiHost"], own["protocol"]) == ("events.example.com/v1", "http")
 
 
+#: origins come from the source alone
+NO_SERVER_ORIGINS = """
+    server:
+      cors_origins: []
+    """
+WEB_ONLY_AT_ORIGIN = f"""
+    sources:
+      - name: web
+        write_keys: ["{WRITE_KEY}"]
+        cors_origins: ["{ORIGIN}"]
+    """
+
+
 async def test_settings_uses_request_host_header(gateway_client: Any) -> None:
     client = await gateway_client()
     r = await client.get(f"/v1/projects/{WRITE_KEY}/settings", headers={"Host": "analytics.example:8443"})
@@ -205,18 +218,11 @@ async def test_settings_uses_request_host_header(gateway_client: Any) -> None:
 
 
 async def test_settings_get_carries_cors_for_allowed_origin_only(gateway_client: Any) -> None:
-    client = await gateway_client("""
-        server:
-          cors_origins: []
-        """, sources=f"""
-        sources:
-          - name: web
-            write_keys: ["{WRITE_KEY}"]
-            cors_origins: ["{ORIGIN}"]
-          - name: other
-            write_keys: ["other-key"]
-            cors_origins: ["https://other.example"]
-        """)
+    client = await gateway_client(NO_SERVER_ORIGINS, sources=WEB_ONLY_AT_ORIGIN + """
+      - name: other
+        write_keys: ["other-key"]
+        cors_origins: ["https://other.example"]
+    """)
     r = await client.get(f"/v1/projects/{WRITE_KEY}/settings", headers={"Origin": ORIGIN})
     assert r.status == 200
     assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -235,15 +241,7 @@ async def test_settings_wildcard_origin(gateway_client: Any) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/t", "/v1/i", "/v1/b", "/v1/track", "/v1/batch", "/v1/m"])
 async def test_preflight(gateway_client: Any, path: str) -> None:
-    client = await gateway_client("""
-        server:
-          cors_origins: []
-        """, sources=f"""
-        sources:
-          - name: web
-            write_keys: ["{WRITE_KEY}"]
-            cors_origins: ["{ORIGIN}"]
-        """)
+    client = await gateway_client(NO_SERVER_ORIGINS, sources=WEB_ONLY_AT_ORIGIN)
     r = await client.options(path, headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type,x-retry-count"})
