@@ -167,6 +167,9 @@ class Worker:
         self.pause_for = PAUSE_MIN
         #: the head of the queue while whole batches fail: (position, since, attempts)
         self.stall: tuple[int, float, int] | None = None
+        #: (position it reads after, the read) of the next window, read ahead
+        self.prefetch: tuple[int, asyncio.Future[list[Record]]] | None = None
+        self.ack_pending: asyncio.Future[None] | None = None
         dest.throttle = self.bucket.take  # for a send that makes more than one request
         #: when the retries this worker scheduled are due (a min-heap)
         self.retry_times: list[float] = []
@@ -253,6 +256,7 @@ class Worker:
                 did = 0
                 if self._retry_due(now) or now - last_retry_poll >= RETRY_POLL:
                     last_retry_poll = now
+                    await self._acked()  # what the last step finished must not come due again
                     due = await self.spool.due(self.name, now, READ_WINDOW)
                     if len(due) >= READ_WINDOW:
                         self._remember_retry(now)  # more are due: look again at once
@@ -260,7 +264,7 @@ class Worker:
                         did += await self._deliver_retries(due)
                 if self.stopping or time.time() < self.hold_until:
                     continue
-                records = await self.spool.read(self.position, READ_WINDOW)
+                records = await self._read_next()
                 if self.stopping:
                     break
                 if records and len(records) < self.max_calls and self.dc.batch.max_wait > 0:
@@ -277,7 +281,28 @@ class Worker:
                 raise
             except Exception:  # noqa: BLE001 - storage trouble: wait and go on
                 log.exception("%s: delivery step failed; trying again", self.name)
+                self.prefetch = None
                 await self._sleep(1.0)
+        await self._acked()
+
+    async def _read_next(self) -> list[Record]:
+        """The window after the read position: read ahead while the last one
+        was being sent, or now."""
+        ahead, self.prefetch = self.prefetch, None
+        if ahead is not None and ahead[0] == self.position:
+            return await ahead[1]
+        return await self.spool.read(self.position, READ_WINDOW)
+
+    async def _acked(self) -> None:
+        """Wait for the last step's transaction (it runs while the next step
+        reads and sends)."""
+        pending, self.ack_pending = self.ack_pending, None
+        if pending is not None:
+            await pending
+
+    async def _ack(self, ack: Ack) -> None:
+        await self._acked()
+        self.ack_pending = asyncio.ensure_future(self.spool.ack(ack))
 
     def _retry_due(self, now: float) -> bool:
         """Whether a retry this worker scheduled is due (forgetting those that are)."""
@@ -321,6 +346,8 @@ class Worker:
                 planned.append((r.seq, self._dead(r.seq, r.source, r.data, p.error, None, "", 0, now, False)))
             else:
                 planned.append((r.seq, "routing" if p.refused else p.dropped or "dropped"))
+        if len(records) >= READ_WINDOW:  # more is waiting: read it while this window is sent
+            self.prefetch = (records[-1].seq, asyncio.ensure_future(self.spool.read(records[-1].seq, READ_WINDOW)))
         results = await self._send_batches(items)
         cut = self._stalled_at(results)
         ack = Ack(self.name, cursor=records[-1].seq if cut is None else cut - 1)
@@ -333,7 +360,7 @@ class Worker:
             else:
                 self.stats.count(self.stats.skipped, what)
         self._record_all(results, ack, cut)
-        await self.spool.ack(ack)
+        await self._ack(ack)
         self.position = ack.cursor if ack.cursor is not None else self.position
         return len(records)
 
@@ -389,7 +416,7 @@ class Worker:
             else:
                 self.stats.count(self.stats.skipped, "routing" if p.refused else p.dropped or "dropped")
         self._record_all(await self._send_batches(items), ack)
-        await self.spool.ack(ack)
+        await self._ack(ack)
         return len(due)
 
     def _batches(self, items: list[Item]) -> list[list[Item]]:

@@ -73,6 +73,9 @@ def iso(dt: datetime) -> str:
 
 
 _SECOND_PREFIX: dict[int, str] = {}
+_MILLIS = tuple(".%03dZ" % i for i in range(1000))
+#: "YYYY-MM-DDTHH:MM:SS" -> Unix seconds, for the shape SDKs send
+_SECOND_OF: dict[str, int] = {}
 
 
 def iso_ms(ms: int) -> str:
@@ -84,13 +87,27 @@ def iso_ms(ms: int) -> str:
             _SECOND_PREFIX.clear()
         t = time.gmtime(sec)
         prefix = _SECOND_PREFIX[sec] = "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6]
-    return "%s.%03dZ" % (prefix, milli)
+    return prefix + _MILLIS[milli]
 
 
 def parse_ms(value: Any) -> int | None:
-    """An ISO-8601 date-time as Unix milliseconds (no zone means UTC)."""
+    """An ISO-8601 date-time as Unix milliseconds (no zone means UTC).
+
+    ``2026-11-23T03:00:00.123Z``, what SDKs send, is read from a cache of
+    its second; everything else goes through datetime."""
+    if isinstance(value, str) and len(value) == 24 and value[23] == "Z" and value[19] == ".":
+        sec = _SECOND_OF.get(value[:19])
+        if sec is not None and value[20:23].isascii() and value[20:23].isdigit():
+            return sec * 1000 + int(value[20:23])
     dt = parse_iso(value)
-    return None if dt is None else round(dt.timestamp() * 1000)
+    if dt is None:
+        return None
+    ms = round(dt.timestamp() * 1000)
+    if len(value) == 24 and value[23] == "Z" and value[19] == "." and value[20:23].isdigit():
+        if len(_SECOND_OF) > 4096:
+            _SECOND_OF.clear()
+        _SECOND_OF[value[:19]] = (ms - int(value[20:23])) // 1000
+    return ms
 
 
 def parse_iso(value: Any) -> datetime | None:

@@ -1,0 +1,181 @@
+"""Shared by the benchmarks: realistic calls, wrk scripts, processes, parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WRITE_KEY = "demo-write-key"
+AUTH = "Basic ZGVtby13cml0ZS1rZXk6"  # base64("demo-write-key:")
+
+#: a track call as server SDKs send it (~600 bytes); messageId is filled per request
+CALL: dict[str, Any] = {
+    "type": "track", "userId": "user-1234", "event": "Order Completed",
+    "properties": {"orderId": "abc-123", "total": 42.5, "currency": "USD",
+                   "products": [{"sku": "p1", "name": "Widget", "price": 21.25, "quantity": 2}]},
+    "context": {"library": {"name": "analytics-python", "version": "2.3.0"},
+                "app": {"name": "shop", "version": "1.2.3", "build": "456"},
+                "device": {"type": "ios", "model": "iPhone15,2"}, "os": {"name": "iOS", "version": "17.1"},
+                "locale": "en-US", "timezone": "Europe/Berlin"},
+    "messageId": "MSGID", "timestamp": "2026-11-23T03:00:00.000Z", "sentAt": "2026-11-23T03:00:00.100Z",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def lua_script(path: Path, calls_per_request: int) -> None:
+    """A wrk script posting a single call (/v1/track) or a batch (/v1/batch),
+    cycling through a pool of bodies with distinct messageIds."""
+    one = json.dumps(CALL, separators=(",", ":"))
+    head, tail = one.split('"MSGID"')  # Lua long strings [[...]] need no escaping
+    path_ = "/v1/track" if calls_per_request == 1 else "/v1/batch"
+    pool = 4096 if calls_per_request == 1 else 256
+    path.write_text(f"""
+-- {pool} distinct bodies per thread, built once: wrk shares the cores with
+-- the server, so building a 70 KB body per request would measure wrk.
+local head = [[{head}"]]
+local tail = [["{tail}]]
+local bodies = {{}}
+local counter = 0
+math.randomseed(os.time())
+function setup(thread)
+  thread:set("prefix", "t" .. tostring(math.random(1, 1000000000)) .. "-")
+end
+function init(args)
+  for b = 1, {pool} do
+    local n = prefix .. tostring(b)
+    if {calls_per_request} == 1 then
+      bodies[b] = head .. n .. tail
+    else
+      local parts = {{}}
+      for i = 1, {calls_per_request} do
+        parts[i] = head .. n .. "-" .. tostring(i) .. tail
+      end
+      bodies[b] = '{{"batch":[' .. table.concat(parts, ",") .. ']}}'
+    end
+  end
+end
+request = function()
+  counter = counter % {pool} + 1
+  return wrk.format("POST", "{path_}", {{["Content-Type"] = "application/json",
+                                        ["Authorization"] = "{AUTH}"}}, bodies[counter])
+end
+""")
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_wrk(url: str, script: Path, duration: float, connections: int, threads: int) -> dict[str, float]:
+    """wrk's figures: requests/s, latency percentiles in ms, requests and errors."""
+    wrk = shutil.which("wrk")
+    if not wrk:
+        sys.exit("bench: wrk is missing (apt-get install -y wrk)")
+    out = subprocess.run([wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s",
+                          str(script), url], capture_output=True, text=True, check=True).stdout
+    got: dict[str, float] = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for pct in ("50", "90", "99"):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
+        got[f"p{pct}"] = float(m.group(1)) * _UNIT[m.group(2)] if m else float("nan")
+    got["requests"] = float(re.search(r"(\d+) requests in", out).group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    got["non2xx"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    got["socket_errors"] = float(sum(int(x) for x in m.groups())) if m else 0.0
+    return got
+
+
+class Proc:
+    """A server process, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], port: int, log: Path, cwd: Path | None = None) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.log = open(log, "ab")
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        self.port = port
+        wait_port(port)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                return self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                return self.p.wait()
+        return self.p.returncode
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The gateway's /metrics as name{labels} -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            out[k] = float(v)
+    return out
+
+
+def wait_drained(port: int, destination: str, timeout: float) -> float:
+    """Seconds until the destination's backlog is empty (gauges refresh every 2 s)."""
+    start = time.monotonic()
+    key = f'gateway_destination_backlog{{destination="{destination}"}}'
+    rkey = f'gateway_destination_retry_backlog{{destination="{destination}"}}'
+    time.sleep(2.5)
+    while time.monotonic() - start < timeout:
+        m = metrics(port)
+        if m.get(key, 1) == 0 and m.get(rkey, 0) == 0:
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise RuntimeError(f"{destination} still has a backlog after {timeout}s")
+
+
+def gateway_config(tmp: Path, destinations: str) -> Path:
+    cfg = tmp / "config.yaml"
+    cfg.write_text(f"""
+server: {{host: 127.0.0.1, max_event_bytes: 64KiB, max_batch_bytes: 1MiB}}
+storage: {{path: {tmp / 'spool'}, max_bytes: 20GiB}}
+sources:
+  - name: default
+    write_keys: ["{WRITE_KEY}"]
+destinations:
+{destinations}
+""")
+    return cfg
