@@ -59,8 +59,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
 
     cfg = _load(args.config)
-    # The spool's threads hand the GIL back sooner: shorter tail latency.
-    sys.setswitchinterval(0.005)
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     app = create_app(cfg)

@@ -123,8 +123,10 @@ class SqliteSpool:
         self._listeners: list[asyncio.Event] = []
         self._lock = threading.Lock()
         self._split_cache = SplitCache()  # used on the reader thread only
+        #: appends waiting for the writer (guarded by _lock)
         self._pending: dict[str, list[bytes]] = {}
-        self._batch_future: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flush_queued = False
 
     # -- life cycle -------------------------------------------------------
 
@@ -227,7 +229,9 @@ class SqliteSpool:
                     except Exception as e:  # noqa: BLE001
                         _rollback(conn)
                         outcome.append((None, e))
-        last = conn.execute(END).fetchone()[0]
+        # The newest position, known from the appends themselves (no query).
+        last = max((job.last for (job, _), (_, exc) in zip(jobs, outcome)
+                    if exc is None and isinstance(job, _Flush)), default=0)
         elapsed = time.perf_counter() - started
         assert self._loop is not None
         try:
@@ -268,26 +272,26 @@ class SqliteSpool:
         """Store calls; returns once they are committed and fsync'd.
 
         Appends that arrive while the writer is busy share one pending
-        segment per source and one future: the writer inserts them with one
-        statement, so its thread takes the GIL a few times per group, not
-        once per request."""
+        segment per source: the writer inserts them with one statement, so
+        its thread takes the GIL a few times per group, not once per request."""
         if not rows:
             return
         size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
         if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
         assert self._loop is not None
+        waiter = self._loop.create_future()
         with self._lock:
             self._pending.setdefault(source, []).extend(rows)
-            fut = self._batch_future
-            first = fut is None
-            if fut is None:
-                fut = self._batch_future = self._loop.create_future()
+            self._waiters.append(waiter)
+            first = not self._flush_queued
+            self._flush_queued = True
         if first:
-            self.submit(_Flush(self)).add_done_callback(functools.partial(_settle, fut))
+            flush = _Flush(self)
+            self.submit(flush).add_done_callback(functools.partial(_settle, flush))
         self.bytes += size
         try:
-            await asyncio.shield(fut)
+            await waiter
         except BaseException:
             self.bytes -= size
             raise
@@ -384,29 +388,41 @@ class _Flush:
     def __init__(self, spool: "SqliteSpool") -> None:
         self.spool = spool
         self.taken: dict[str, list[bytes]] | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+        self.last = 0  # the newest position written
+
+    def take(self) -> dict[str, list[bytes]]:
+        if self.taken is None:
+            s = self.spool
+            with s._lock:
+                self.taken, self.waiters = s._pending, s._waiters
+                s._pending, s._waiters, s._flush_queued = {}, [], False
+        return self.taken
 
     def __call__(self, conn: sqlite3.Connection) -> None:
-        if self.taken is None:
-            with self.spool._lock:
-                self.taken, self.spool._pending = self.spool._pending, {}
-                self.spool._batch_future = None
         now = time.time()
-        for source, rows in self.taken.items():
+        for source, rows in self.take().items():
             for i in range(0, len(rows), ROW_CALLS):
                 part = rows[i:i + ROW_CALLS]
-                conn.execute("INSERT INTO events (source, received, count, data) VALUES (?, ?, ?, ?)",
-                             (source, now, len(part), b"\n".join(part)))
+                cur = conn.execute("INSERT INTO events (source, received, count, data) VALUES (?, ?, ?, ?)",
+                                   (source, now, len(part), b"\n".join(part)))
+                self.last = max(self.last, int(cur.lastrowid or 0) * SPAN + len(part) - 1)
 
 
-def _settle(fut: asyncio.Future[None], job: asyncio.Future[Any]) -> None:
-    if fut.done():
-        return
+def _settle(flush: _Flush, job: asyncio.Future[Any]) -> None:
+    """Answer every append of a flush (on the event loop)."""
+    flush.take()  # a job that never ran still owns what was pending for it
+    exc: BaseException | None
     if job.cancelled():
-        fut.set_exception(StorageFailed("the spool closed before the calls were stored"))
-    elif job.exception() is not None:
-        fut.set_exception(job.exception())  # type: ignore[arg-type]
+        exc = StorageFailed("the spool closed before the calls were stored")
     else:
-        fut.set_result(None)
+        exc = job.exception()
+    for w in flush.waiters:
+        if not w.done():
+            if exc is None:
+                w.set_result(None)
+            else:
+                w.set_exception(exc)
 
 
 class SplitCache:
