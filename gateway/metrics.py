@@ -8,6 +8,7 @@ many apps in one process.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -100,7 +101,6 @@ class GatewayCollector:
                                    "Age of the oldest call not yet delivered", labels=["destination"])
         paused = GaugeMetricFamily("gateway_destination_paused", "1 while the destination is paused "
                                    "(credentials or endpoint refused)", labels=["destination"])
-        import time
         now = time.time()
         for w in self.workers:
             s = w.stats
