@@ -97,6 +97,22 @@ async def test_purge_keeps_what_any_destination_still_needs(spool: SqliteSpool) 
     assert await spool.purge(["fast", "slow"], retention=3600) == 0
 
 
+async def test_purge_of_many_rows_goes_in_steps_and_stops_at_the_cursor(spool: SqliteSpool) -> None:
+    """A purge deletes PURGE_ROWS rows a transaction (so appends are not held
+    behind one long delete) and still removes all it may, and nothing more."""
+    from gateway.spool.sqlite import PURGE_ROWS
+    await spool.cursor("d")
+    total = PURGE_ROWS * 3 + 5
+    for i in range(total):
+        await spool.append("web", [b"%d" % i])  # one row each (nothing else is pending)
+    recs = await spool.read(-1, total)
+    keep = 7
+    await spool.ack(Ack("d", cursor=recs[-keep - 1].seq))
+    assert await spool.purge(["d"], retention=0) == total - keep
+    assert stored_calls(spool.dir) == [b"%d" % i for i in range(total - keep, total)]
+    assert spool.rows == keep and spool.bytes == sum(len(b"%d" % i) + 1 for i in range(total - keep, total))
+
+
 async def test_full_spool_refuses(tmp_path: Path) -> None:
     s = SqliteSpool(tmp_path / "small", max_bytes=10)
     await s.open()

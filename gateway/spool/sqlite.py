@@ -77,6 +77,7 @@ ROW_CALLS = 10_000  # calls per row at most (well below SPAN)
 #: the last position ever stored (0 when nothing was); sqlite_sequence survives purges
 END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY seq DESC LIMIT 1), "
        "(SELECT seq * 1048576 + 1048575 FROM sqlite_sequence WHERE name = 'events'), 0)")
+PURGE_ROWS = 32  # rows deleted a transaction by a purge
 CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
 Job = Callable[[sqlite3.Connection], Any]
 
@@ -352,8 +353,11 @@ class SqliteSpool:
         return await self._read(q)
 
     async def purge(self, destinations: list[str], retention: float) -> int:
-        """Remove calls every destination has read past (and older than retention)."""
-        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+        """Remove calls every destination has read past (and older than retention).
+
+        A few rows a transaction: deleting seconds' worth of calls in one
+        would hold every append queued behind it for tens of milliseconds."""
+        def job(conn: sqlite3.Connection) -> tuple[int, int, bool]:
             if destinations:
                 marks = ",".join("?" * len(destinations))
                 row = conn.execute(f"SELECT count(*), min(seq) FROM cursors WHERE destination IN ({marks})",
@@ -362,20 +366,25 @@ class SqliteSpool:
             else:
                 upto = conn.execute(END).fetchone()[0]
             if not upto:
-                return 0, 0
+                return 0, 0, False
             # Rows whose every call is behind every cursor (and old enough).
             # AUTOINCREMENT: emptying the table never hands out old ids again.
             where = "seq <= ? AND seq * 1048576 + count - 1 <= ? AND received <= ?"
             args = (upto // SPAN, upto, time.time() - retention)
-            got = conn.execute(f"SELECT coalesce(sum(count), 0), coalesce(sum(length(data) + 1), 0) FROM events "
-                               f"WHERE {where}", args).fetchone()
-            if got[0]:
-                conn.execute(f"DELETE FROM events WHERE {where}", args)
-            return int(got[0]), int(got[1])
-        n, size = await self.submit(job)
-        self.bytes -= size
-        self.rows -= n
-        return n
+            rows = conn.execute(f"SELECT seq, count, length(data) FROM events WHERE {where} ORDER BY seq LIMIT ?",
+                                (*args, PURGE_ROWS)).fetchall()
+            if not rows:
+                return 0, 0, False
+            conn.execute(f"DELETE FROM events WHERE seq >= ? AND seq <= ? AND {where}",
+                         (rows[0][0], rows[-1][0], *args))
+            return sum(r[1] for r in rows), sum(r[2] + 1 for r in rows), len(rows) == PURGE_ROWS
+        removed, more = 0, True
+        while more:
+            n, size, more = await self.submit(job)
+            self.bytes -= size
+            self.rows -= n
+            removed += n
+        return removed
 
     async def check_writable(self) -> None:
         await self.submit(lambda conn: conn.execute("SELECT 1").fetchone())
