@@ -74,6 +74,7 @@ def iso(dt: datetime) -> str:
 
 _SECOND_PREFIX: dict[int, str] = {}
 _MILLIS = tuple(".%03dZ" % i for i in range(1000))
+_MILLI_OF = {m: i for i, m in enumerate(_MILLIS)}  # ".123Z" -> 123
 #: "YYYY-MM-DDTHH:MM:SS" -> Unix seconds, for the shape SDKs send
 _SECOND_OF: dict[str, int] = {}
 
@@ -95,10 +96,12 @@ def parse_ms(value: Any) -> int | None:
 
     ``2026-11-23T03:00:00.123Z``, what SDKs send, is read from a cache of
     its second; everything else goes through datetime."""
-    if isinstance(value, str) and len(value) == 24 and value[23] == "Z" and value[19] == ".":
+    if value.__class__ is str and len(value) == 24:
         sec = _SECOND_OF.get(value[:19])
-        if sec is not None and value[20:23].isascii() and value[20:23].isdigit():
-            return sec * 1000 + int(value[20:23])
+        if sec is not None:
+            milli = _MILLI_OF.get(value[19:])
+            if milli is not None:
+                return sec * 1000 + milli
     dt = parse_iso(value)
     if dt is None:
         return None
