@@ -113,6 +113,27 @@ async def test_purge_of_many_rows_goes_in_steps_and_stops_at_the_cursor(spool: S
     assert spool.rows == keep and spool.bytes == sum(len(b"%d" % i) + 1 for i in range(total - keep, total))
 
 
+async def test_purge_of_large_rows_deletes_about_a_megabyte_a_step(spool: SqliteSpool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.spool import sqlite
+    await spool.cursor("d")
+    big = b"x" * (sqlite.PURGE_BYTES // 2 + 1)  # two rows are past the bound
+    for _ in range(4):
+        await spool.append("web", [big])
+    recs = await spool.read(-1, 10)
+    await spool.ack(Ack("d", cursor=recs[-1].seq))
+    steps = 0
+    submit = spool.submit
+
+    def counted(job: Any) -> Any:
+        nonlocal steps
+        steps += 1
+        return submit(job)
+    monkeypatch.setattr(spool, "submit", counted)
+    assert await spool.purge(["d"], retention=0) == 4
+    assert steps >= 4 and stored_calls(spool.dir) == [] and spool.bytes == 0
+
+
 async def test_full_spool_refuses(tmp_path: Path) -> None:
     s = SqliteSpool(tmp_path / "small", max_bytes=10)
     await s.open()

@@ -78,6 +78,7 @@ ROW_CALLS = 10_000  # calls per row at most (well below SPAN)
 END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY seq DESC LIMIT 1), "
        "(SELECT seq * 1048576 + 1048575 FROM sqlite_sequence WHERE name = 'events'), 0)")
 PURGE_ROWS = 32  # rows deleted a transaction by a purge
+PURGE_BYTES = 1 << 20  # and bytes, past the first row
 CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
 Job = Callable[[sqlite3.Connection], Any]
 
@@ -375,9 +376,16 @@ class SqliteSpool:
                                 (*args, PURGE_ROWS)).fetchall()
             if not rows:
                 return 0, 0, False
+            more = len(rows) == PURGE_ROWS
+            size = 0
+            for n, r in enumerate(rows):  # and a few megabytes at most (rows of batches are large)
+                size += r[2]
+                if size > PURGE_BYTES and n:
+                    rows, more = rows[:n], True
+                    break
             conn.execute(f"DELETE FROM events WHERE seq >= ? AND seq <= ? AND {where}",
                          (rows[0][0], rows[-1][0], *args))
-            return sum(r[1] for r in rows), sum(r[2] + 1 for r in rows), len(rows) == PURGE_ROWS
+            return sum(r[1] for r in rows), sum(r[2] + 1 for r in rows), more
         removed, more = 0, True
         while more:
             n, size, more = await self.submit(job)
