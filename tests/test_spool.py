@@ -43,6 +43,24 @@ async def test_append_then_read_in_order(spool: SqliteSpool) -> None:
     assert await spool.read(got[2].seq, 10) == []
 
 
+async def test_concurrent_appends_of_several_sources_share_one_insert(spool: SqliteSpool) -> None:
+    """Appends waiting for the writer become one multi-row INSERT; every call
+    gets its own position and last_seq is the newest of them."""
+    import asyncio
+    sources = [f"s{i % 3}" for i in range(30)]
+    await asyncio.gather(*(spool.append(src, [b'{"n":%d}' % i, b'{"m":%d}' % i]) for i, src in enumerate(sources)))
+    got = await spool.read(-1, 1000)
+    assert len(got) == 60 and len({r.seq for r in got}) == 60
+    assert [r.seq for r in got] == sorted(r.seq for r in got)
+    assert spool.last_seq == got[-1].seq
+    by_source: dict[str, list[bytes]] = {}
+    for r in got:
+        by_source.setdefault(r.source, []).append(r.data)
+    for k in ("s0", "s1", "s2"):  # each source's calls in the order they were appended
+        assert by_source[k] == [d for i, src in enumerate(sources) if src == k
+                                for d in (b'{"n":%d}' % i, b'{"m":%d}' % i)]
+
+
 async def test_appended_calls_survive_reopen(spool: SqliteSpool) -> None:
     await spool.append("web", [b'{"a":1}', b'{"b":2}'])
     spool = await reopen(spool)
