@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 _pretty = msgspec.json.format
-SWITCH_INTERVAL = 0.001  # seconds; see cmd_serve
 
 
 def _load(path: str) -> Config:
@@ -63,11 +62,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     app = create_app(cfg)
-    # The spool's writer thread needs the GIL twice a group commit (to start
-    # it, and to answer after its fsync).  With CPython's default 5 ms switch
-    # interval a busy event loop keeps it waiting that long each time; 1 ms
-    # lets commits overlap with request handling (100-call batches: +35% in bench/run.py).
-    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         import uvloop  # optional: the [fast] extra
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)

@@ -35,7 +35,8 @@ from gateway.spool import Ack, DeadLetter, Pending, Record
 log = logging.getLogger(__name__)
 
 READ_WINDOW = 5000
-YIELD_EVERY = 200
+YIELD_EVERY = 100  # calls planned between looks at the clock
+YIELD_AFTER = 0.002  # seconds of planning before the loop gets a turn
 #: seconds between looks at the retries table for entries this worker did not
 #: schedule itself (``gateway dlq replay``, a restart); its own retries are
 #: sent when they are due, not at the next poll
@@ -339,9 +340,13 @@ class Worker:
         # plan()'s passthrough case, inline: the common case costs no Plan.
         fast = self.passthrough and self.route.open
         max_call = self.max_call
+        turn = time.perf_counter()
         for i, r in enumerate(records):
-            if i and not i % YIELD_EVERY:
-                await asyncio.sleep(0)  # a long window must not stall ingest's event loop
+            if i and not i % YIELD_EVERY and time.perf_counter() - turn > YIELD_AFTER:
+                # A long window must not stall ingest's event loop; but each
+                # turn given waits behind every ready request, so not too often.
+                await asyncio.sleep(0)
+                turn = time.perf_counter()
             if fast and len(r.data) <= max_call and b'"integrations"' not in r.data:
                 items.append(Item(r.seq, r.source, r.data, r.data))
                 continue
@@ -408,9 +413,11 @@ class Worker:
         ack = Ack(self.name)
         items: list[Item] = []
         now = time.time()
+        turn = time.perf_counter()
         for i, pend in enumerate(due):
-            if i and not i % YIELD_EVERY:
+            if i and not i % YIELD_EVERY and time.perf_counter() - turn > YIELD_AFTER:
                 await asyncio.sleep(0)
+                turn = time.perf_counter()
             p = self.plan(pend.data, pend.source)
             if p.payload is not None:
                 items.append(Item(pend.seq, pend.source, pend.data, p.payload, pend))
