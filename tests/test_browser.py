@@ -264,16 +264,21 @@ async def test_preflight(gateway_client: Any, path: str) -> None:
     assert "Access-Control-Allow-Origin" not in r.headers
 
 
-@pytest.mark.parametrize("short,long", [("i", "identify"), ("t", "track"), ("p", "page"), ("s", "screen"),
-                                        ("g", "group"), ("a", "alias")])
-async def test_short_paths_are_aliases(gateway_client: Any, sink: Any, short: str, long: str) -> None:
-    client = await gateway_client(f"""
+def to_sink(sink: Any) -> str:
+    """Config: one webhook destination posting each call to ``sink`` at once."""
+    return f"""
         destinations:
           - name: Sink
             type: webhook
             settings: {{url: "{sink.url}"}}
             batch: {{max_wait: 0}}
-        """)
+        """
+
+
+@pytest.mark.parametrize("short,long", [("i", "identify"), ("t", "track"), ("p", "page"), ("s", "screen"),
+                                        ("g", "group"), ("a", "alias")])
+async def test_short_paths_are_aliases(gateway_client: Any, sink: Any, short: str, long: str) -> None:
+    client = await gateway_client(to_sink(sink))
     body = {"anonymousId": "anon-1", "userId": "u-1", "event": "E", "groupId": "g-1", "previousId": "u-1",
             "writeKey": WRITE_KEY, "_metadata": {"bundled": ["Segment.io"], "unbundled": []},
             "context": {"library": {"name": "analytics.js", "version": "npm:next-1.84.3"}}}
@@ -294,13 +299,7 @@ async def test_short_paths_are_aliases(gateway_client: Any, sink: Any, short: st
 
 
 async def test_short_batch_path(gateway_client: Any, sink: Any) -> None:
-    client = await gateway_client(f"""
-        destinations:
-          - name: Sink
-            type: webhook
-            settings: {{url: "{sink.url}"}}
-            batch: {{max_wait: 0}}
-        """)
+    client = await gateway_client(to_sink(sink))
     body = {"batch": [{"type": "track", "anonymousId": "a", "event": "E", "_metadata": {"bundled": []}},
                       {"type": "identify", "anonymousId": "a", "traits": {"k": 1}}],
             "writeKey": WRITE_KEY, "sentAt": "2024-01-01T00:00:00.000Z"}
@@ -500,15 +499,10 @@ async def test_real_browser_sdk(name: str, sink: Any, gateway_process: Any, aioh
     site_server = await aiohttp_server(site.app(), host="127.0.0.1")
     origin = str(site_server.make_url("")).rstrip("/")
     # the gateway, which lets that origin in, by the source's config only
-    gw = gateway_process(f"""
+    gw = gateway_process("""
         server:
           cors_origins: []
-        destinations:
-          - name: Sink
-            type: webhook
-            settings: {{url: "{sink.url}"}}
-            batch: {{max_wait: 0}}
-        """, sources=f"""
+        """ + to_sink(sink), sources=f"""
         sources:
           - name: web
             write_keys: ["{WRITE_KEY}"]
