@@ -27,7 +27,8 @@ import aiohttp
 import msgspec
 
 from gateway.config import DestinationConfig, RetryConfig
-from gateway.destination import BODY_EXCERPT, DELIVERED, Delivered, Destination, Failed, MappingError, Outcome, Paused, Retry, Transform
+from gateway.destination import (BODY_EXCERPT, DELIVERED, Delivered, Destination, Failed, MappingError, Outcome,
+                                 Paused, Retry, Transform)
 from gateway.events import call_decoder
 from gateway.routing import Route
 from gateway.spool import Ack, DeadLetter, Pending, Record
