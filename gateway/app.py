@@ -140,7 +140,7 @@ class Handlers:
                 resp = _json(500, {"error": "internal error"})
             origin = request.headers.get("Origin")
             if origin:
-                resp.headers.update(cors.headers(origin, request.get("source")))
+                resp.headers.update(cors.headers(origin, request.get(keys.SOURCE)))
             counters.request(endpoint, resp.status)
             return resp
         return wrapped
@@ -157,7 +157,7 @@ class Handlers:
             resp = _json(500, {"error": "internal error"})
         origin = request.headers.get("Origin")
         if origin:
-            resp.headers.update(self.cors.headers(origin, request.get("source")))
+            resp.headers.update(self.cors.headers(origin, request.get(keys.SOURCE)))
         self.counters.request(endpoint, resp.status)
         return resp
 
@@ -184,7 +184,7 @@ class Handlers:
                 resp.force_close()
             return resp
         source = prepared.source
-        request["source"] = source.name
+        request[keys.SOURCE] = source.name
         strict = strict or source.strict
         if prepared.rejections:
             for r in prepared.rejections:
@@ -226,7 +226,7 @@ class Handlers:
             source = self.ingest.keys.source_for(key)
             if source is None:
                 return _json(404, {"error": "unknown write key"})
-            request["source"] = source.name
+            request[keys.SOURCE] = source.name
             proto, host = public_base(request, self.cfg, self.ingest.proxies)
             return _json(200, settings_document(integration, key, proto, host))
         return handler

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -24,3 +24,6 @@ DELIVERY: web.AppKey["Delivery"] = web.AppKey("delivery")
 COUNTERS: web.AppKey["Counters"] = web.AppKey("counters")
 REGISTRY: web.AppKey["CollectorRegistry"] = web.AppKey("registry")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
+#: the source a request's write key belongs to, for its CORS headers
+#: (web.RequestKey from aiohttp 3.14; a plain string before it)
+SOURCE: Any = web.RequestKey("source", str) if hasattr(web, "RequestKey") else "source"
