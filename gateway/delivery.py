@@ -36,7 +36,7 @@ from gateway.spool import Ack, DeadLetter, Pending, Record
 log = logging.getLogger(__name__)
 
 READ_WINDOW = 5000
-YIELD_EVERY = 100  # calls planned between looks at the clock
+YIELD_EVERY = 100  # calls planned between looks at the Pacer's clock
 YIELD_AFTER = 0.002  # seconds of planning before the loop gets a turn
 #: seconds between looks at the retries table for entries this worker did not
 #: schedule itself (``gateway dlq replay``, a restart); its own retries are
@@ -103,6 +103,22 @@ class Deferred(msgspec.Struct, frozen=True):
     queued and the attempt is not counted."""
 
     reason: str
+
+
+class Pacer:
+    """When a long loop on the event loop gives it a turn: a window must not
+    stall ingest, but each turn waits behind every ready request, so only
+    after YIELD_AFTER seconds of work."""
+
+    __slots__ = ("since",)
+
+    def __init__(self) -> None:
+        self.since = time.perf_counter()
+
+    async def pace(self) -> None:
+        if time.perf_counter() - self.since > YIELD_AFTER:
+            await asyncio.sleep(0)
+            self.since = time.perf_counter()
 
 
 class Item(msgspec.Struct):
@@ -183,12 +199,18 @@ class Worker:
 
     # -- planning (also used by `gateway explain`) -------------------------
 
+    def as_stored(self, data: bytes) -> bool:
+        """Whether the stored bytes are the payload with nothing to read: a
+        destination that forwards calls, no route that could refuse it, in size."""
+        return (self.passthrough and self.route.open and len(data) <= self.max_call
+                and b'"integrations"' not in data)
+
     def plan(self, data: bytes | dict[str, Any], source: str) -> Plan:
         try:
             if self.passthrough and isinstance(data, bytes):
                 # The destination sends calls as stored: read only what routing
                 # needs, and nothing at all when nothing could route it away.
-                if self.route.open and b'"integrations"' not in data and len(data) <= self.max_call:
+                if self.as_stored(data):
                     return Plan(payload=data)
                 view = route_view_decoder.decode(data)
                 refused = self.route.refuse(view, source)  # type: ignore[arg-type]
@@ -338,17 +360,12 @@ class Worker:
         items: list[Item] = []
         planned: list[tuple[int, DeadLetter | str]] = []  # dead letters and skips, by position
         now = time.time()
-        # plan()'s passthrough case, inline: the common case costs no Plan.
-        fast = self.passthrough and self.route.open
-        max_call = self.max_call
-        turn = time.perf_counter()
+        as_stored = self.as_stored  # the common case costs no Plan
+        pacer = Pacer()
         for i, r in enumerate(records):
-            if i and not i % YIELD_EVERY and time.perf_counter() - turn > YIELD_AFTER:
-                # A long window must not stall ingest's event loop; but each
-                # turn given waits behind every ready request, so not too often.
-                await asyncio.sleep(0)
-                turn = time.perf_counter()
-            if fast and len(r.data) <= max_call and b'"integrations"' not in r.data:
+            if i and not i % YIELD_EVERY:
+                await pacer.pace()
+            if as_stored(r.data):
                 items.append(Item(r.seq, r.source, r.data, r.data))
                 continue
             p = self.plan(r.data, r.source)
@@ -414,11 +431,10 @@ class Worker:
         ack = Ack(self.name)
         items: list[Item] = []
         now = time.time()
-        turn = time.perf_counter()
+        pacer = Pacer()
         for i, pend in enumerate(due):
-            if i and not i % YIELD_EVERY and time.perf_counter() - turn > YIELD_AFTER:
-                await asyncio.sleep(0)
-                turn = time.perf_counter()
+            if i and not i % YIELD_EVERY:
+                await pacer.pace()
             p = self.plan(pend.data, pend.source)
             if p.payload is not None:
                 items.append(Item(pend.seq, pend.source, pend.data, p.payload, pend))

@@ -106,10 +106,10 @@ def parse_ms(value: Any) -> int | None:
     if dt is None:
         return None
     ms = round(dt.timestamp() * 1000)
-    if len(value) == 24 and value[23] == "Z" and value[19] == "." and value[20:23].isdigit():
+    if len(value) == 24 and (milli := _MILLI_OF.get(value[19:])) is not None:
         if len(_SECOND_OF) > 4096:
             _SECOND_OF.clear()
-        _SECOND_OF[value[:19]] = (ms - int(value[20:23])) // 1000
+        _SECOND_OF[value[:19]] = (ms - milli) // 1000
     return ms
 
 
