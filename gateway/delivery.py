@@ -269,10 +269,17 @@ class Worker:
             log.exception("%s: worker failed", self.name)
 
     async def run(self) -> None:
-        self.position = await self.spool.cursor(self.name)
         last_retry_poll = 0.0
+        synced = False
         while not self.stopping:
             try:
+                if not synced:
+                    # From the stored cursor: after a failed step, an ack may
+                    # not have been stored (its retries and dead letters with
+                    # it), so the calls after the cursor are planned again.
+                    await self._acked()
+                    self.position = await self.spool.cursor(self.name)
+                    synced = True
                 now = time.time()
                 if now < self.hold_until:
                     await self._sleep(self.hold_until - now)
@@ -306,6 +313,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - storage trouble: wait and go on
                 log.exception("%s: delivery step failed; trying again", self.name)
                 self.prefetch = None
+                synced = False
                 await self._sleep(1.0)
         await self._acked()
 

@@ -138,6 +138,13 @@ class GatewayProcess:
                 time.sleep(0.05)
         raise RuntimeError("gateway did not start listening")
 
+    def writer_pid(self) -> int:
+        """The spool's writer process (the server's one child)."""
+        assert self.proc is not None
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        assert len(kids) == 1, f"expected one child (the spool writer), found {kids}"
+        return int(kids[0])
+
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

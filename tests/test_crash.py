@@ -11,7 +11,9 @@ Delivery is at least once, so duplicates are allowed and nothing else is.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -135,9 +137,13 @@ async def test_sigkill_mid_load_loses_no_acknowledged_call(gateway_process: Any,
     """kill -9 under load, restart on the same spool: every 200 is delivered."""
     out = tmp_path / "out.jsonl"
     gw = gateway_process(body(out))
+    writer = gw.writer_pid()
     load = Load(gw.url)
     await load.run(until_acked=600, then=gw.kill)
     assert gw.proc is not None and gw.proc.returncode == -9
+    # The spool's writer process sees its socket close and exits: no orphan
+    # is left holding the spool.
+    await wait_gone(writer)
     assert load.acked, f"no call was acknowledged before the kill: {load.statuses}, {load.errors} errors"
     assert set(load.statuses) <= {200}, load.statuses
     before, _ = delivered(out)
@@ -153,13 +159,23 @@ async def test_sigkill_mid_load_loses_no_acknowledged_call(gateway_process: Any,
           f"{[t[:60] + b' ... ' + t[-60:] for t in torn]}")
 
 
-async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [False, True], ids=["server", "process-group"])
+async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_path: Path, group: bool) -> None:
     """DESIGN.md: "SIGTERM drains and exits": in-flight requests are answered,
-    exit code 0, and every 200 is delivered (after a restart at the latest)."""
+    exit code 0, and every 200 is delivered (after a restart at the latest).
+    ``process-group``: the spool writer gets the signal too, as under systemd
+    or Ctrl-C; it stays to store what the server drains, then exits."""
     out = tmp_path / "out.jsonl"
     gw = gateway_process(body(out))
+    writer = gw.writer_pid()
+
+    def stop() -> int:
+        if group:
+            os.kill(writer, signal.SIGTERM)
+        return int(gw.terminate())
     load = Load(gw.url)
-    code = await load.run(until_acked=600, then=gw.terminate)
+    code = await load.run(until_acked=600, then=stop)
+    await wait_gone(writer)
     assert code == 0, (tmp_path / f"gateway-{gw.port}.log").read_text()[-2000:]
     assert load.acked and set(load.statuses) <= {200}, load.statuses
     # Draining: a request the server had before the signal is answered, not dropped
@@ -174,6 +190,52 @@ async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_p
     ids = await wait_delivered(out, load.acked)
     print(f"sigterm: {len(load.acked)} acked of {load.sent} sent, {len(set(before) & load.acked)} delivered "
           f"before the restart, {len(ids)} lines in the end")
+
+
+async def test_a_killed_spool_writer_costs_503s_never_an_acknowledged_call(gateway_process: Any,
+                                                                           tmp_path: Path) -> None:
+    """kill -9 of the spool's writer process under load: requests it had not
+    answered get 503 + Retry-After (DESIGN.md: "storage failing"), never a
+    200 or a 500; the server starts another writer and goes on, and every
+    call answered 200 is delivered without a restart."""
+    out = tmp_path / "out.jsonl"
+    gw = gateway_process(body(out))
+    writer = gw.writer_pid()
+    load = Load(gw.url)
+    await load.run(until_acked=600, then=lambda: os.kill(writer, signal.SIGKILL))
+    assert set(load.statuses) <= {200, 503}, load.statuses
+    await wait_gone(writer)
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession() as session:
+        while True:  # the server comes back by itself
+            async with session.post(gw.url + "/v1/track", headers=AUTH, json={
+                    "userId": "after", "event": "Back", "messageId": "c-999-0"}) as r:
+                if r.status == 200:
+                    break
+                assert r.status == 503 and int(r.headers["Retry-After"]) > 0, r.status
+            assert time.monotonic() < deadline, "the server never stored a call again"
+            await asyncio.sleep(0.1)
+    assert gw.writer_pid() != writer
+    await wait_delivered(out, load.acked | {"c-999-0"})
+    assert gw.terminate() == 0
+    log = (tmp_path / f"gateway-{gw.port}.log").read_text()
+    assert "the spool writer exited" in log, log[-2000:]
+    print(f"writer killed: {load.statuses}, {len(load.acked)} acked, all delivered")
+
+
+async def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and "(Z)" not in _state(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still running"
+        await asyncio.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "(gone)"
+    return "(Z)" if stat.rsplit(")", 1)[1].split()[0] == "Z" else "(running)"
 
 
 @pytest.fixture(autouse=True)

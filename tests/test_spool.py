@@ -5,13 +5,16 @@ Only the embedded SQLite backend exists today; a new backend joins the
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
-from gateway.spool import Ack, DeadLetter, Pending, SpoolFull
+from gateway.spool import Ack, DeadLetter, Pending, SpoolFull, StorageFailed
 from gateway.spool.sqlite import DeadLetterStore, SqliteSpool, stored_calls
 
 
@@ -118,7 +121,7 @@ async def test_purge_keeps_what_any_destination_still_needs(spool: SqliteSpool) 
 async def test_purge_of_many_rows_goes_in_steps_and_stops_at_the_cursor(spool: SqliteSpool) -> None:
     """A purge deletes PURGE_ROWS rows a transaction (so appends are not held
     behind one long delete) and still removes all it may, and nothing more."""
-    from gateway.spool.sqlite import PURGE_ROWS
+    from gateway.spool.store import PURGE_ROWS
     await spool.cursor("d")
     total = PURGE_ROWS * 3 + 5
     for i in range(total):
@@ -133,9 +136,9 @@ async def test_purge_of_many_rows_goes_in_steps_and_stops_at_the_cursor(spool: S
 
 async def test_purge_of_large_rows_deletes_about_a_megabyte_a_step(spool: SqliteSpool,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.spool import sqlite
+    from gateway.spool import store
     await spool.cursor("d")
-    big = b"x" * (sqlite.PURGE_BYTES // 2 + 1)  # two rows are past the bound
+    big = b"x" * (store.PURGE_BYTES // 2 + 1)  # two rows are past the bound
     for _ in range(4):
         await spool.append("web", [big])
     recs = await spool.read(-1, 10)
@@ -191,3 +194,43 @@ async def test_dead_letters_list_and_replay(spool: SqliteSpool) -> None:
         store.close()
     [p] = await spool.due("d", time.time() + 1, 10)
     assert (p.seq, p.data, p.attempts) == (5, call, 0)
+
+
+# -- the embedded backend's writer process ---------------------------------
+
+
+async def test_a_dead_writer_fails_what_it_had_not_answered_and_is_replaced(spool: SqliteSpool) -> None:
+    """kill -9 of the writer process: appends it had not answered raise
+    StorageFailed (the server's 503), none is reported stored that is not, and
+    a new writer takes over with the totals read back from the file."""
+    await spool.append("web", [b"before"])
+    old = spool.writer_pid
+    assert old is not None
+    appends = [asyncio.ensure_future(spool.append("web", [b"during-%d" % i])) for i in range(50)]
+    await asyncio.sleep(0)  # sent to the writer, not answered yet
+    os.kill(old, signal.SIGKILL)
+    results = await asyncio.gather(*appends, return_exceptions=True)
+    assert all(r is None or isinstance(r, StorageFailed) for r in results), results
+    stored_during = [b"during-%d" % i for i, r in enumerate(results) if r is None]
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            await spool.append("web", [b"after"])
+            break
+        except StorageFailed:
+            assert time.monotonic() < deadline, "no new writer"
+            await asyncio.sleep(0.05)
+    assert spool.writer_pid not in (None, old)
+    got = stored_calls(spool.dir)
+    # A call may be stored with its answer lost (kill -9 after the commit), never the reverse.
+    assert got[0] == b"before" and got[-1] == b"after" and set(stored_during) <= set(got)
+    assert spool.rows == len(got) and spool.bytes == sum(len(c) + 1 for c in got)
+    assert [r.data for r in await spool.read(-1, 100)] == got
+
+
+async def test_a_spool_that_cannot_be_opened_says_where(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file, not a directory")
+    s = SqliteSpool(tmp_path / "taken", max_bytes=1 << 20)
+    with pytest.raises(StorageFailed, match="taken"):
+        await s.open()
+    await s.close()

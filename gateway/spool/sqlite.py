@@ -1,106 +1,82 @@
 """The embedded spool: one SQLite file in WAL mode, fsync'd on every commit.
 
-Each request's calls are one row (a "segment": the calls joined by newlines,
-which JSON never contains unescaped), so SQLite's cost is paid per request,
-not per call.  A call's position is ``row * SPAN + index``: cursors, retries
-and dead letters all use it.  AUTOINCREMENT keeps row ids from ever being
-reused after a purge, so positions only grow.
-
-One writer thread owns the write connection.  It takes every job queued while
-it was busy, runs them in one transaction and commits once (group commit), so
-a hundred concurrent requests cost one fsync.  Reads use a second connection
-on a reader thread; WAL lets them run beside the writer.
+All writes go through one writer process (``writer.py``): appends, cursors,
+acks and purges are messages on a socket, grouped into one transaction per
+commit.  The appends of one turn of the event loop travel as one message, so
+the writer sees a few messages per commit, not one per request.  Reads use a
+connection of the server's own on a reader thread; WAL lets them run beside
+the writer.  If the writer process dies, what it had not answered fails with
+StorageFailed (a 503, never a 200) and a new one is started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
-import queue
+import os
+import socket
 import sqlite3
-import threading
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from gateway.spool import Ack, DeadLetter, Pending, Record, SpoolFull, StorageFailed
+from gateway.spool import writer as w
+from gateway.spool.store import FILE, SPAN, apply_ack, connect, rollback, segments
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    source TEXT NOT NULL,
-    received REAL NOT NULL,
-    count INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cursors (
-    destination TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS retries (
-    destination TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    data BLOB NOT NULL,
-    attempts INTEGER NOT NULL,
-    first_failed REAL NOT NULL,
-    next_at REAL NOT NULL,
-    status INTEGER,
-    reason TEXT NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (destination, seq)
-);
-CREATE INDEX IF NOT EXISTS retries_due ON retries (destination, next_at);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY,
-    destination TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    message_id TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    status INTEGER,
-    body TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    at REAL NOT NULL,
-    source TEXT NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_by_destination ON dead_letters (destination, id);
-CREATE INDEX IF NOT EXISTS dead_by_message ON dead_letters (message_id);
-"""
-
-SPAN = 1 << 20  # positions per row
-ROW_CALLS = 10_000  # calls per row at most (well below SPAN)
-INSERT_ROWS = 64  # rows per INSERT statement
-INSERT = "INSERT INTO events (source, received, count, data) VALUES "
-#: the last position ever stored (0 when nothing was); sqlite_sequence survives purges
-END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY seq DESC LIMIT 1), "
-       "(SELECT seq * 1048576 + 1048575 FROM sqlite_sequence WHERE name = 'events'), 0)")
-PURGE_ROWS = 32  # rows deleted a transaction by a purge
-PURGE_BYTES = 1 << 20  # and bytes, past the first row
-CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
-Job = Callable[[sqlite3.Connection], Any]
-
-
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA busy_timeout=30000")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: the WAL is fsync'd at every commit, so a 200 survives power loss.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
-    return conn
+#: where ``gateway`` is imported from, for the writer process
+ROOT = Path(__file__).resolve().parents[2]
+OPEN_TIMEOUT = 30.0  # seconds for a writer to open the spool
+RESTART_AFTER = (0.1, 0.5, 1.0, 5.0)  # seconds before each new try at starting a writer
+FETCH_ROWS = 256  # rows a read fetches at a time at most
 
 
 def _dead_from_row(row: tuple[Any, ...]) -> DeadLetter:
     return DeadLetter(*row)
 
 
+DeadLetters = list[DeadLetter]  # (DeadLetterStore.list hides the builtin in its class)
 DEAD_COLUMNS = "id, destination, seq, message_id, reason, status, body, attempts, at, source, data"
+
+
+class _Link(asyncio.Protocol):
+    """The server's end of the writer's socket."""
+
+    def __init__(self, spool: "SqliteSpool") -> None:
+        self.spool = spool
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[w.Opened] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: Any = None  # an asyncio.Transport (uvloop's are not subclasses)
+        self._hello = w.Frames(w.Opened)
+        self._frames = w.Frames(w.Committed)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.opened.done():
+            got = self._hello.feed(data)
+            if not got:
+                return
+            self.opened.set_result(got[0])
+            data = bytes(self._hello.buf)
+        for committed in self._frames.feed(data):
+            self.spool._committed(committed)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(StorageFailed("the spool writer exited before it opened the spool"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.spool._lost(self)
 
 
 class SqliteSpool:
@@ -108,7 +84,7 @@ class SqliteSpool:
 
     def __init__(self, path: str | Path, max_bytes: int) -> None:
         self.dir = Path(path)
-        self.file = self.dir / "spool.sqlite3"
+        self.file = self.dir / FILE
         self.max_bytes = max_bytes
         #: bytes of stored calls and their separators (a row's length + 1),
         #: pending appends included
@@ -117,61 +93,121 @@ class SqliteSpool:
         self.last_seq = 0
         #: called with each group commit's duration (metrics)
         self.on_commit: Callable[[float], None] = lambda seconds: None
-        self.failed: BaseException | None = None
-        self._queue: queue.SimpleQueue[tuple[Job, asyncio.Future[Any]] | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._checkpointer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: _Link | None = None  # None while no writer answers
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._restart: asyncio.Task[None] | None = None
+        self._closing = False
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}  # request id -> its answer
+        self._inserts: set[asyncio.Future[Any]] = set()  # those of _waiting that are appends
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[asyncio.Event] = []
-        self._lock = threading.Lock()
         self._split_cache = SplitCache()  # used on the reader thread only
-        #: appends waiting for the writer (guarded by _lock)
+        #: appends of this turn of the loop, sent together at its end
         self._pending: dict[str, list[bytes]] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._flush_queued = False
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process, while one runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     # -- life cycle -------------------------------------------------------
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        wconn = connect(self.file)
-        self.rows, self.bytes = wconn.execute(
-            "SELECT coalesce(sum(count), 0), coalesce(sum(length(data) + 1), 0) FROM events").fetchone()
-        self.last_seq = wconn.execute(END).fetchone()[0]
+        self._closing = False
+        await self._start_writer()
         self._rconn = connect(self.file, readonly=True)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
-        # Checkpoints copy the WAL into the database and fsync it: done by the
-        # writer they would stall every request of that group for tens of ms.
-        wconn.execute("PRAGMA wal_autocheckpoint=0")
-        self._stop_checkpoints = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spool-checkpoint", daemon=True)
-        self._checkpointer.start()
-        self._writer = threading.Thread(target=self._write_loop, args=(wconn,), name="spool-write", daemon=True)
-        self._writer.start()
 
-    def _checkpoint_loop(self) -> None:
-        conn = connect(self.file, readonly=True)
+    async def _start_writer(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         try:
-            while not self._stop_checkpoints.wait(CHECKPOINT_EVERY):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as e:
-                    log.warning("spool checkpoint failed: %s", e)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.spool.writer", str(theirs.fileno()), str(self.file)],
+                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        except OSError:
+            ours.close()
+            raise
         finally:
-            conn.close()
+            theirs.close()
+        assert self._loop is not None
+        try:
+            _, link = await self._loop.create_unix_connection(lambda: _Link(self), sock=ours)
+            opened = await asyncio.wait_for(asyncio.shield(link.opened), OPEN_TIMEOUT)
+            if opened.error:
+                raise StorageFailed(opened.error)
+        except BaseException:
+            ours.close()
+            await self._reap(proc)
+            raise
+        self._proc = proc
+        self.rows, self.bytes = opened.rows, opened.bytes
+        self.last_seq = max(self.last_seq, opened.last)
+        self._link = link
+
+    async def _reap(self, proc: subprocess.Popen[bytes]) -> int:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(proc.wait, 10))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+    def _lost(self, link: _Link) -> None:
+        """The writer's socket closed: answer what it had not, start another."""
+        was_live = link is self._link
+        self._link = None
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(StorageFailed("the spool writer exited before answering"))
+        if was_live and not self._closing:
+            code = self._proc.poll() if self._proc is not None else None
+            log.error("the spool writer exited (code %s); starting another", code)
+            self._restart = asyncio.ensure_future(self._restart_writer())
+
+    async def _restart_writer(self) -> None:
+        for n in itertools.count():
+            if self._proc is not None:
+                await self._reap(self._proc)
+                self._proc = None
+            if self._closing:
+                return
+            await asyncio.sleep(RESTART_AFTER[min(n, len(RESTART_AFTER) - 1)])
+            try:
+                await self._start_writer()
+                log.info("the spool writer is back")
+                for ev in self._listeners:
+                    ev.set()
+                return
+            except (OSError, StorageFailed) as e:
+                log.error("could not start the spool writer: %s", e)
 
     async def close(self) -> None:
-        if self._checkpointer is not None:
-            self._stop_checkpoints.set()
-            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.join)
-            self._checkpointer = None
-        if self._writer is not None:
-            self._queue.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
-            self._writer = None
+        self._closing = True
+        if self._restart is not None:
+            self._restart.cancel()
+            try:
+                await self._restart
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._restart = None
+        if self._flush_queued:
+            self._flush()
+        link = self._link
+        if link is not None and link.transport is not None:
+            # The writer answers what it has read, then sees the end of the stream.
+            link.transport.write_eof()
+            await link.closed
+        if self._proc is not None:
+            await self._reap(self._proc)
+            self._proc = None
         if self._reader is not None:
             self._reader.shutdown(wait=True)
             self._reader = None
@@ -187,90 +223,37 @@ class SqliteSpool:
 
     # -- the writer -------------------------------------------------------
 
-    def _write_loop(self, conn: sqlite3.Connection) -> None:
-        try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                jobs = [first]
-                stop = False
-                while True:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    jobs.append(nxt)
-                self._run_group(conn, jobs)
-                if stop:
-                    return
-        finally:
-            conn.close()
-
-    def _run_group(self, conn: sqlite3.Connection, jobs: list[tuple[Job, asyncio.Future[Any]]]) -> None:
-        started = time.perf_counter()
-        try:
-            if len(jobs) == 1 and isinstance(jobs[0][0], _Flush) and jobs[0][0].atomic():
-                # One INSERT is its own transaction: the writer takes the GIL
-                # back once (after the fsync), not after each of BEGIN, INSERT
-                # and COMMIT, each time waiting for a busy event loop to let go.
-                results = [jobs[0][0](conn)]
-            else:
-                conn.execute("BEGIN IMMEDIATE")
-                results = [job(conn) for job, _ in jobs]
-                conn.execute("COMMIT")
-            outcome: list[tuple[Any, BaseException | None]] = [(r, None) for r in results]
-        except Exception as exc:  # noqa: BLE001 - any storage error is a 503, never a 200
-            _rollback(conn)
-            if len(jobs) == 1:
-                outcome = [(None, exc)]
-            else:
-                # One job's failure must not fail its neighbours: run them one by one.
-                outcome = []
-                for job, _ in jobs:
-                    try:
-                        conn.execute("BEGIN IMMEDIATE")
-                        r = job(conn)
-                        conn.execute("COMMIT")
-                        outcome.append((r, None))
-                    except Exception as e:  # noqa: BLE001
-                        _rollback(conn)
-                        outcome.append((None, e))
-        # The newest position, known from the appends themselves (no query).
-        last = max((job.last for (job, _), (_, exc) in zip(jobs, outcome)
-                    if exc is None and isinstance(job, _Flush)), default=0)
-        elapsed = time.perf_counter() - started
+    def submit(self, make: Callable[[int], w.Request]) -> asyncio.Future[Any]:
+        """Send ``make(id)`` to the writer; the future has its result."""
         assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._resolve, jobs, outcome, last, elapsed)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+        fut = self._loop.create_future()
+        link = self._link
+        if link is None or link.transport is None or link.transport.is_closing() or self._closing:
+            fut.set_exception(StorageFailed("the spool writer is not running" if not self._closing
+                                            else "the spool is closing"))
+            return fut
+        n = next(self._ids)
+        self._waiting[n] = fut
+        link.transport.write(w.frame(make(n)))
+        return fut
 
-    def _resolve(self, jobs: list[tuple[Job, asyncio.Future[Any]]],
-                 outcome: list[tuple[Any, BaseException | None]], last: int, elapsed: float) -> None:
-        self.on_commit(elapsed)
-        for (_, fut), (result, exc) in zip(jobs, outcome):
-            if fut.done():
+    def _committed(self, group: w.Committed) -> None:
+        self.on_commit(group.seconds)
+        newest = 0
+        for reply in group.replies:
+            fut = self._waiting.pop(reply.id, None)
+            if fut is None or fut.done():
                 continue
-            if exc is not None:
-                fut.set_exception(StorageFailed(str(exc)) if not isinstance(exc, (SpoolFull, StorageFailed)) else exc)
+            if reply.error is not None:
+                fut.set_exception(StorageFailed(reply.error))
             else:
-                fut.set_result(result)
-        if last > self.last_seq:
-            self.last_seq = last
+                fut.set_result(reply.result)
+                if fut in self._inserts:
+                    newest = max(newest, reply.result)
+        if newest > self.last_seq:
+            self.last_seq = newest
             for ev in self._listeners:
                 ev.set()
-
-    def submit(self, job: Job) -> asyncio.Future[Any]:
-        """Run ``job(conn)`` inside the next group transaction."""
-        if self._writer is None or self._loop is None:
-            raise StorageFailed("the spool is not open")
-        fut = self._loop.create_future()
-        self._queue.put((job, fut))
-        return fut
 
     # -- ingest -----------------------------------------------------------
 
@@ -281,24 +264,26 @@ class SqliteSpool:
     async def append(self, source: str, rows: list[bytes]) -> None:
         """Store calls; returns once they are committed and fsync'd.
 
-        Appends that arrive while the writer is busy share one pending
-        segment per source: the writer inserts them with one statement, so
-        its thread takes the GIL a few times per group, not once per request."""
+        The appends of one turn of the event loop go to the writer as one
+        message (one INSERT of a row per source)."""
         if not rows:
             return
         size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
         if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
+        if self._link is None:
+            raise StorageFailed("the spool writer is not running")
         assert self._loop is not None
         waiter = self._loop.create_future()
-        with self._lock:
-            self._pending.setdefault(source, []).extend(rows)
-            self._waiters.append(waiter)
-            first = not self._flush_queued
+        pending = self._pending.get(source)
+        if pending is None:
+            self._pending[source] = rows.copy()
+        else:
+            pending.extend(rows)
+        self._waiters.append(waiter)
+        if not self._flush_queued:
             self._flush_queued = True
-        if first:
-            flush = _Flush(self)
-            self.submit(flush).add_done_callback(functools.partial(_settle, flush))
+            self._loop.call_soon(self._flush)
         self.bytes += size
         try:
             await waiter
@@ -306,6 +291,28 @@ class SqliteSpool:
             self.bytes -= size
             raise
         self.rows += len(rows)
+
+    def _flush(self) -> None:
+        pending, waiters = self._pending, self._waiters
+        self._pending, self._waiters, self._flush_queued = {}, [], False
+        if not waiters:
+            return
+        now = time.time()
+        rows = [row for source, calls in pending.items() for row in segments(source, calls, now)]
+        job = self.submit(lambda n: w.Insert(n, rows))
+        self._inserts.add(job)
+        job.add_done_callback(functools.partial(self._settle, waiters))
+
+    def _settle(self, waiters: list[asyncio.Future[None]], job: asyncio.Future[Any]) -> None:
+        """Answer every append of one flush."""
+        self._inserts.discard(job)
+        exc = StorageFailed("the spool closed before the calls were stored") if job.cancelled() else job.exception()
+        for fut in waiters:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
 
     # -- delivery ---------------------------------------------------------
 
@@ -316,14 +323,7 @@ class SqliteSpool:
 
     async def cursor(self, destination: str) -> int:
         """The destination's read position; a new destination starts at the end."""
-        def job(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT seq FROM cursors WHERE destination = ?", (destination,)).fetchone()
-            if row:
-                return int(row[0])
-            end = conn.execute(END).fetchone()[0]
-            conn.execute("INSERT INTO cursors (destination, seq) VALUES (?, ?)", (destination, end))
-            return int(end)
-        return await self.submit(job)
+        return int(await self.submit(lambda n: w.Cursor(n, destination)))
 
     async def read(self, after: int, limit: int) -> list[Record]:
         """Up to ``limit`` calls stored after position ``after``, in order."""
@@ -343,7 +343,7 @@ class SqliteSpool:
         return await self._read(q)
 
     async def ack(self, ack: Ack) -> None:
-        await self.submit(lambda conn: apply_ack(conn, ack))
+        await self.submit(lambda n: w.Acked(n, ack))
 
     async def stats(self, destination: str) -> tuple[int, int, float | None]:
         """(calls after the cursor, calls waiting for a retry, receive time of the oldest pending)."""
@@ -362,105 +362,18 @@ class SqliteSpool:
         return await self._read(q)
 
     async def purge(self, destinations: list[str], retention: float) -> int:
-        """Remove calls every destination has read past (and older than retention).
-
-        A few rows a transaction: deleting seconds' worth of calls in one
-        would hold every append queued behind it for tens of milliseconds."""
-        def job(conn: sqlite3.Connection) -> tuple[int, int, bool]:
-            if destinations:
-                marks = ",".join("?" * len(destinations))
-                row = conn.execute(f"SELECT count(*), min(seq) FROM cursors WHERE destination IN ({marks})",
-                                   destinations).fetchone()
-                upto = row[1] if row[0] == len(destinations) else 0
-            else:
-                upto = conn.execute(END).fetchone()[0]
-            if not upto:
-                return 0, 0, False
-            # Rows whose every call is behind every cursor (and old enough).
-            # AUTOINCREMENT: emptying the table never hands out old ids again.
-            where = "seq <= ? AND seq * 1048576 + count - 1 <= ? AND received <= ?"
-            args = (upto // SPAN, upto, time.time() - retention)
-            rows = conn.execute(f"SELECT seq, count, length(data) FROM events WHERE {where} ORDER BY seq LIMIT ?",
-                                (*args, PURGE_ROWS)).fetchall()
-            if not rows:
-                return 0, 0, False
-            more = len(rows) == PURGE_ROWS
-            size = 0
-            for n, r in enumerate(rows):  # and a few megabytes at most (rows of batches are large)
-                size += r[2]
-                if size > PURGE_BYTES and n:
-                    rows, more = rows[:n], True
-                    break
-            conn.execute(f"DELETE FROM events WHERE seq >= ? AND seq <= ? AND {where}",
-                         (rows[0][0], rows[-1][0], *args))
-            return sum(r[1] for r in rows), sum(r[2] + 1 for r in rows), more
+        """Remove calls every destination has read past (and older than
+        retention), a few rows a transaction (store.purge_step)."""
         removed, more = 0, True
         while more:
-            n, size, more = await self.submit(job)
+            n, size, more = await self.submit(lambda i: w.Purge(i, destinations, retention))
             self.bytes -= size
             self.rows -= n
             removed += n
         return removed
 
     async def check_writable(self) -> None:
-        await self.submit(lambda conn: conn.execute("SELECT 1").fetchone())
-
-
-class _Flush:
-    """The writer's job for pending appends: takes them (once, so that a
-    retried group does not lose them) and inserts one row per source."""
-
-    def __init__(self, spool: "SqliteSpool") -> None:
-        self.spool = spool
-        self.taken: dict[str, list[bytes]] | None = None
-        self.waiters: list[asyncio.Future[None]] = []
-        self.last = 0  # the newest position written
-        self._values: list[tuple[str, float, int, bytes]] | None = None
-
-    def take(self) -> dict[str, list[bytes]]:
-        if self.taken is None:
-            s = self.spool
-            with s._lock:
-                self.taken, self.waiters = s._pending, s._waiters
-                s._pending, s._waiters, s._flush_queued = {}, [], False
-        return self.taken
-
-    def values(self) -> list[tuple[str, float, int, bytes]]:
-        """The rows to insert: (source, received, count, data)."""
-        if self._values is None:
-            now = time.time()
-            self._values = [(source, now, len(part), b"\n".join(part))
-                            for source, rows in self.take().items()
-                            for part in (rows[i:i + ROW_CALLS] for i in range(0, len(rows), ROW_CALLS))]
-        return self._values
-
-    def atomic(self) -> bool:
-        """Whether one INSERT statement holds it all."""
-        return len(self.values()) <= INSERT_ROWS
-
-    def __call__(self, conn: sqlite3.Connection) -> None:
-        values = self.values()
-        for i in range(0, len(values), INSERT_ROWS):
-            chunk = values[i:i + INSERT_ROWS]
-            cur = conn.execute(INSERT + ", ".join(["(?, ?, ?, ?)"] * len(chunk)), [v for row in chunk for v in row])
-            # The rows of one statement get consecutive ids, the last one lastrowid.
-            self.last = max(self.last, int(cur.lastrowid or 0) * SPAN + chunk[-1][2] - 1)
-
-
-def _settle(flush: _Flush, job: asyncio.Future[Any]) -> None:
-    """Answer every append of a flush (on the event loop)."""
-    flush.take()  # a job that never ran still owns what was pending for it
-    exc: BaseException | None
-    if job.cancelled():
-        exc = StorageFailed("the spool closed before the calls were stored")
-    else:
-        exc = job.exception()
-    for w in flush.waiters:
-        if not w.done():
-            if exc is None:
-                w.set_result(None)
-            else:
-                w.set_exception(exc)
+        await self.submit(w.Check)
 
 
 class SplitCache:
@@ -485,19 +398,25 @@ def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCac
     row = max(0, after) // SPAN
     out: list[Record] = []
     cur = conn.execute("SELECT seq, source, received, data FROM events WHERE seq >= ? ORDER BY seq", (row,))
+    # Rows can be megabytes: fetch only as many as the window needs, judged
+    # by the calls a row held so far (rows of single calls hold a few each).
+    want, rows_seen, calls_seen = 2, 0, 0
     try:
         while len(out) < limit:
-            got = cur.fetchmany(2)  # rows can be megabytes: fetch only what the window needs
+            got = cur.fetchmany(want)
             if not got:
                 break
             for seq, source, received, data in got:
                 base = seq * SPAN
                 parts = cache.split(seq, data) if cache is not None else data.split(b"\n")
+                rows_seen += 1
+                calls_seen += len(parts)
                 first = max(0, after + 1 - base)
                 for i in range(first, min(len(parts), first + limit - len(out))):
                     out.append(Record(base + i, source, received, parts[i]))
                 if len(out) >= limit:
                     break
+            want = min(FETCH_ROWS, (limit - len(out)) * rows_seen // calls_seen + 1)
     finally:
         cur.close()
     return out
@@ -505,41 +424,11 @@ def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCac
 
 def stored_calls(path: str | Path) -> list[bytes]:
     """Every call the spool at ``path`` holds, in order (for tests and tools)."""
-    conn = connect(Path(path) / "spool.sqlite3", readonly=True)
+    conn = connect(Path(path) / FILE, readonly=True)
     try:
         return [r.data for r in read_after(conn, -1, 1 << 62)]
     finally:
         conn.close()
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
-
-
-def apply_ack(conn: sqlite3.Connection, ack: Ack) -> None:
-    d = ack.destination
-    if ack.cursor is not None:
-        conn.execute("INSERT INTO cursors (destination, seq) VALUES (?, ?) "
-                     "ON CONFLICT(destination) DO UPDATE SET seq = max(seq, excluded.seq)", (d, ack.cursor))
-    if ack.done:
-        conn.executemany("DELETE FROM retries WHERE destination = ? AND seq = ?", [(d, s) for s in ack.done])
-    if ack.retry:
-        conn.executemany(
-            "INSERT INTO retries (destination, seq, source, data, attempts, first_failed, next_at, status, reason, body) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(destination, seq) DO UPDATE SET "
-            "attempts = excluded.attempts, next_at = excluded.next_at, status = excluded.status, "
-            "reason = excluded.reason, body = excluded.body",
-            [(d, p.seq, p.source, p.data, p.attempts, p.first_failed, p.next_at, p.status, p.reason, p.body)
-             for p in ack.retry])
-    if ack.dead:
-        conn.executemany(
-            "INSERT INTO dead_letters (destination, seq, message_id, reason, status, body, attempts, at, source, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(d, x.seq, x.message_id, x.reason, x.status, x.body, x.attempts, x.at, x.source, x.data)
-             for x in ack.dead])
 
 
 class DeadLetterStore:
@@ -547,7 +436,7 @@ class DeadLetterStore:
     (also while a server runs: SQLite's locking keeps both honest)."""
 
     def __init__(self, path: str | Path) -> None:
-        file = Path(path) / "spool.sqlite3"
+        file = Path(path) / FILE
         if not file.exists():
             raise FileNotFoundError(f"no spool at {file}")
         self.conn = connect(file)
@@ -565,12 +454,12 @@ class DeadLetterStore:
             args.append(message_id)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
-    def list(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+    def list(self, destination: str | None = None, message_id: str | None = None) -> DeadLetters:
         where, args = self._where(destination, message_id)
         rows = self.conn.execute(f"SELECT {DEAD_COLUMNS} FROM dead_letters{where} ORDER BY id", args).fetchall()
         return [_dead_from_row(r) for r in rows]
 
-    def replay(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+    def replay(self, destination: str | None = None, message_id: str | None = None) -> DeadLetters:
         """Put dead letters back in their destination's queue, due now."""
         now = time.time()
         self.conn.execute("BEGIN IMMEDIATE")
@@ -582,6 +471,6 @@ class DeadLetterStore:
                 self.conn.execute("DELETE FROM dead_letters WHERE id = ?", (x.id,))
             self.conn.execute("COMMIT")
         except BaseException:
-            _rollback(self.conn)
+            rollback(self.conn)
             raise
         return letters

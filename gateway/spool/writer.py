@@ -1,0 +1,230 @@
+"""The spool's writer: a process of its own that owns the write connection.
+
+Why a process: the event loop keeps the server's GIL busy, and a writer
+thread needs the GIL between every SQLite call of a commit; each time it
+waited up to the interpreter's 5 ms switch interval, so requests sat idle
+waiting for their fsync while the loop had work it could not start.  Here
+the writer has an interpreter to itself.
+
+It reads requests from a socket (a 4-byte length, then msgpack), takes every
+request that arrived while it was busy, runs them in one transaction and
+commits once (group commit), then answers them all in one write.  It stops
+when the server closes the socket (or dies: the socket closes with it), after
+answering what it has read; SIGINT and SIGTERM are the server's to handle.
+
+    python -m gateway.spool.writer FD PATH
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.spool import Ack
+from gateway.spool.store import Row, apply_ack, connect, cursor_of, insert, purge_step, rollback, totals
+
+HEADER = struct.Struct("<I")
+CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
+RECV = 1 << 20
+
+
+class Insert(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    rows: list[Row]
+
+
+class Cursor(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    destination: str
+
+
+class Acked(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    ack: Ack
+
+
+class Purge(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    destinations: list[str]
+    retention: float
+
+
+class Check(msgspec.Struct, tag=True, array_like=True):
+    id: int
+
+
+Request = Insert | Cursor | Acked | Purge | Check
+
+
+class Reply(msgspec.Struct, array_like=True):
+    id: int
+    error: str | None
+    result: Any
+
+
+class Committed(msgspec.Struct, array_like=True):
+    """The answers to one group, and how long its transaction took."""
+
+    seconds: float
+    replies: list[Reply]
+
+
+class Opened(msgspec.Struct, array_like=True):
+    """The first message: the spool's totals, or why it could not open."""
+
+    error: str | None = None
+    rows: int = 0
+    bytes: int = 0
+    last: int = 0
+
+
+encoder = msgspec.msgpack.Encoder()
+
+
+def frame(msg: msgspec.Struct) -> bytes:
+    payload = encoder.encode(msg)
+    return HEADER.pack(len(payload)) + payload
+
+
+class Frames:
+    """Split a byte stream into whole messages."""
+
+    def __init__(self, type_: Any) -> None:
+        self.buf = bytearray()
+        self.decoder = msgspec.msgpack.Decoder(type_)
+
+    def feed(self, data: bytes) -> list[Any]:
+        buf = self.buf
+        buf += data
+        out = []
+        at = 0
+        view = memoryview(buf)
+        try:
+            while len(buf) - at >= 4:
+                (size,) = HEADER.unpack_from(buf, at)
+                if len(buf) - at - 4 < size:
+                    break
+                out.append(self.decoder.decode(view[at + 4:at + 4 + size]))
+                at += 4 + size
+        finally:
+            view.release()
+        if at:
+            del buf[:at]
+        return out
+
+
+def run(conn: sqlite3.Connection, req: Request) -> Any:
+    if isinstance(req, Insert):
+        return insert(conn, req.rows)
+    if isinstance(req, Cursor):
+        return cursor_of(conn, req.destination)
+    if isinstance(req, Acked):
+        return apply_ack(conn, req.ack)
+    if isinstance(req, Purge):
+        return purge_step(conn, req.destinations, req.retention)
+    conn.execute("SELECT 1").fetchone()
+    return None
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_group(conn: sqlite3.Connection, reqs: list[Request]) -> Committed:
+    """One transaction for all; if it fails, each on its own, so one bad
+    request does not fail its neighbours."""
+    started = time.perf_counter()
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        results = [run(conn, r) for r in reqs]
+        conn.execute("COMMIT")
+        replies = [Reply(r.id, None, res) for r, res in zip(reqs, results)]
+    except Exception as exc:  # noqa: BLE001 - any storage error is the server's 503, never a 200
+        rollback(conn)
+        if len(reqs) == 1:
+            replies = [Reply(reqs[0].id, _why(exc), None)]
+        else:
+            replies = []
+            for r in reqs:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    res = run(conn, r)
+                    conn.execute("COMMIT")
+                    replies.append(Reply(r.id, None, res))
+                except Exception as e:  # noqa: BLE001
+                    rollback(conn)
+                    replies.append(Reply(r.id, _why(e), None))
+    return Committed(time.perf_counter() - started, replies)
+
+
+def _checkpoints(file: Path, stop: threading.Event) -> None:
+    """Copy the WAL into the database now and then, beside the writer: done
+    by the writer, a checkpoint's fsync would stall its group for tens of ms."""
+    conn = connect(file, readonly=True)
+    try:
+        while not stop.wait(CHECKPOINT_EVERY):
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as e:
+                print(f"gateway spool writer: checkpoint failed: {e}", file=sys.stderr)
+    finally:
+        conn.close()
+
+
+def serve(sock: socket.socket, file: Path) -> None:
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(file)
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        rows, size, last = totals(conn)
+    except (OSError, sqlite3.Error) as e:
+        sock.sendall(frame(Opened(error=f"cannot open the spool at {file}: {e}")))
+        return
+    sock.sendall(frame(Opened(None, rows, size, last)))
+    stop = threading.Event()
+    checkpointer = threading.Thread(target=_checkpoints, args=(file, stop), name="spool-checkpoint", daemon=True)
+    checkpointer.start()
+    frames = Frames(Request)
+    try:
+        eof = False
+        while not eof:
+            data = sock.recv(RECV)
+            eof = not data
+            reqs = frames.feed(data)
+            while not eof:  # and whatever else came while the last group ran
+                try:
+                    more = sock.recv(RECV, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                eof = not more
+                reqs += frames.feed(more)
+            if reqs:
+                sock.sendall(frame(run_group(conn, reqs)))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server is gone; what was committed stays
+    finally:
+        stop.set()
+        checkpointer.join()
+        conn.close()
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fd, path = int(argv[0]), Path(argv[1])
+    with socket.socket(fileno=fd) as sock:
+        serve(sock, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
