@@ -126,10 +126,21 @@ class Proc:
         return self.p.pid
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server and its children (the spool writer)."""
+        pids = [self.p.pid]
+        for pid in pids:  # grows as children are found
+            try:
+                pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            except OSError:
+                pass
+        total = 0
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        return total / 1024 if total else float("nan")
 
     def stop(self, timeout: float = 60) -> int:
         if self.p.poll() is None:

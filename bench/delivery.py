@@ -137,7 +137,7 @@ def backlog(tmp: Path, total: int) -> None:
         rss_down = max(rss) if rss else gw.rss_mb()
         m = metrics(port)
         print(f"backlog: {total:,} calls ingested in {took:.1f}s ({total / took:,.0f} calls/s) while the sink "
-              f"was down; gateway RSS peak {rss_down:.0f} MB (target < {TARGET_RSS_MB} MB: "
+              f"was down; gateway RSS peak {rss_down:.0f} MB (server and spool writer) (target < {TARGET_RSS_MB} MB: "
               f"{'met' if rss_down < TARGET_RSS_MB else 'MISSED'}); spool holds "
               f"{m.get('gateway_spool_calls', 0):,.0f} calls, {m.get('gateway_spool_bytes', 0) / 1e6:,.0f} MB")
         sink = start_sink(sink_port, tmp / "sink-backlog.log")

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import zlib
+from time import perf_counter
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -23,6 +24,7 @@ from gateway.events import BATCH_PATHS, PATH_TYPES
 from gateway.ingest import Ingest, Rejection, RequestRejected, key_from_header
 from gateway.metrics import Counters, registry_for, render
 from gateway.plugins import build
+from gateway.share import Turns
 from gateway.spool import SpoolFull, StorageFailed
 from gateway.spool.sqlite import SqliteSpool
 
@@ -125,6 +127,7 @@ class Handlers:
         self.ingest = app[keys.INGEST]
         self.counters = app[keys.COUNTERS]
         self.cors = Cors(self.cfg)
+        self.turns = Turns()  # ingest's share of the loop, beside delivery
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -167,9 +170,16 @@ class Handlers:
         # seeds/pipelines-api-reference.txt: "1" is strict, any other value permissive
         strict = headers.get("X-Strict-Mode", "").strip() == "1"
         ingest = self.ingest
+        turns = self.turns
         try:
             body = await read_body(request, ingest.body_limit(kind))
-            prepared = ingest.prepare(kind, body, headers, request.remote)
+            if turns.full():
+                await turns.wait()
+            started = perf_counter()
+            try:
+                prepared = ingest.prepare(kind, body, headers, request.remote)
+            finally:
+                turns.spend(perf_counter() - started)
         except RequestRejected as e:
             r = e.rejection
             counters.bump(counters.rejected, r.reason)

@@ -31,13 +31,13 @@ from gateway.destination import (BODY_EXCERPT, DELIVERED, Delivered, Destination
                                  Paused, Retry, Transform)
 from gateway.events import call_decoder
 from gateway.routing import Route
+from gateway.share import Pacer
 from gateway.spool import Ack, DeadLetter, Pending, Record
 
 log = logging.getLogger(__name__)
 
 READ_WINDOW = 5000
 YIELD_EVERY = 100  # calls planned between looks at the Pacer's clock
-YIELD_AFTER = 0.002  # seconds of planning before the loop gets a turn
 #: seconds between looks at the retries table for entries this worker did not
 #: schedule itself (``gateway dlq replay``, a restart); its own retries are
 #: sent when they are due, not at the next poll
@@ -103,22 +103,6 @@ class Deferred(msgspec.Struct, frozen=True):
     queued and the attempt is not counted."""
 
     reason: str
-
-
-class Pacer:
-    """When a long loop on the event loop gives it a turn: a window must not
-    stall ingest, but each turn waits behind every ready request, so only
-    after YIELD_AFTER seconds of work."""
-
-    __slots__ = ("since",)
-
-    def __init__(self) -> None:
-        self.since = time.perf_counter()
-
-    async def pace(self) -> None:
-        if time.perf_counter() - self.since > YIELD_AFTER:
-            await asyncio.sleep(0)
-            self.since = time.perf_counter()
 
 
 class Item(msgspec.Struct):

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from gateway.spool import Ack, DeadLetter, Pending, SpoolFull, StorageFailed
+from gateway.spool import store
 from gateway.spool.sqlite import DeadLetterStore, SqliteSpool, stored_calls
 
 
@@ -136,7 +137,6 @@ async def test_purge_of_many_rows_goes_in_steps_and_stops_at_the_cursor(spool: S
 
 async def test_purge_of_large_rows_deletes_about_a_megabyte_a_step(spool: SqliteSpool,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.spool import store
     await spool.cursor("d")
     big = b"x" * (store.PURGE_BYTES // 2 + 1)  # two rows are past the bound
     for _ in range(4):
@@ -234,3 +234,18 @@ async def test_a_spool_that_cannot_be_opened_says_where(tmp_path: Path) -> None:
     with pytest.raises(StorageFailed, match="taken"):
         await s.open()
     await s.close()
+
+
+async def test_a_read_stops_at_its_byte_bound_but_returns_one_call_at_least(spool: SqliteSpool) -> None:
+    """Windows of large calls are bounded by bytes as well as by count (RSS)."""
+    from gateway.spool.sqlite import read_after
+    big = [b"x" * 1000 + b"%d" % i for i in range(10)]
+    await spool.append("web", big)
+    conn = store.connect(spool.file, readonly=True)
+    try:
+        got = read_after(conn, -1, 100, max_bytes=3500)
+        assert [r.data for r in got] == big[:4]  # the fourth crosses the bound
+        assert [r.data for r in read_after(conn, -1, 100, max_bytes=1)] == big[:1]
+        assert [r.data for r in read_after(conn, got[-1].seq, 100)] == big[4:]
+    finally:
+        conn.close()

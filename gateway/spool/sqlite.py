@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OPEN_TIMEOUT = 30.0  # seconds for a writer to open the spool
 RESTART_AFTER = (0.1, 0.5, 1.0, 5.0)  # seconds before each new try at starting a writer
 FETCH_ROWS = 256  # rows a read fetches at a time at most
+READ_BYTES = 16 << 20  # bytes of calls a delivery read returns at most (besides its count)
 
 
 def _dead_from_row(row: tuple[Any, ...]) -> DeadLetter:
@@ -102,9 +103,10 @@ class SqliteSpool:
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # request id -> its answer
         self._inserts: set[asyncio.Future[Any]] = set()  # those of _waiting that are appends
         self._reader: ThreadPoolExecutor | None = None
-        self._rconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None  # on the reader thread
+        self._lconn: sqlite3.Connection | None = None  # on the event loop
         self._listeners: list[asyncio.Event] = []
-        self._split_cache = SplitCache()  # used on the reader thread only
+        self._split_cache = SplitCache()  # used on the event loop only
         #: appends of this turn of the loop, sent together at its end
         self._pending: dict[str, list[bytes]] = {}
         self._waiters: list[asyncio.Future[None]] = []
@@ -122,6 +124,7 @@ class SqliteSpool:
         self._closing = False
         await self._start_writer()
         self._rconn = connect(self.file, readonly=True)
+        self._lconn = connect(self.file, readonly=True)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
 
     async def _start_writer(self) -> None:
@@ -211,9 +214,10 @@ class SqliteSpool:
         if self._reader is not None:
             self._reader.shutdown(wait=True)
             self._reader = None
-        if self._rconn is not None:
-            self._rconn.close()
-            self._rconn = None
+        for conn in (self._rconn, self._lconn):
+            if conn is not None:
+                conn.close()
+        self._rconn = self._lconn = None
 
     def subscribe(self) -> asyncio.Event:
         """An event set whenever new calls are committed."""
@@ -326,10 +330,16 @@ class SqliteSpool:
         return int(await self.submit(lambda n: w.Cursor(n, destination)))
 
     async def read(self, after: int, limit: int) -> list[Record]:
-        """Up to ``limit`` calls stored after position ``after``, in order."""
-        def q(conn: sqlite3.Connection) -> list[Record]:
-            return read_after(conn, after, limit, self._split_cache)
-        return await self._read(q)
+        """Up to ``limit`` calls stored after position ``after`` (READ_BYTES
+        of them at most), in order.
+
+        On the event loop itself: what delivery reads was just written and
+        is in the page cache, so a window costs a millisecond or two.  On a
+        thread, each row fetched let go of the GIL and waited up to 5 ms
+        (the switch interval) to get it back from a busy loop: a window of
+        batches took 50-90 ms under load, and delivery fell behind ingest."""
+        assert self._lconn is not None
+        return read_after(self._lconn, after, limit, self._split_cache)
 
     async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
         skip = tuple(exclude)
@@ -393,16 +403,18 @@ class SplitCache:
         return parts
 
 
-def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCache | None = None) -> list[Record]:
-    """Calls after position ``after``, split out of their segments."""
+def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCache | None = None,
+               max_bytes: int = READ_BYTES) -> list[Record]:
+    """Calls after position ``after``, split out of their segments: ``limit``
+    at most, and no more once ``max_bytes`` are read (one call at least)."""
     row = max(0, after) // SPAN
     out: list[Record] = []
     cur = conn.execute("SELECT seq, source, received, data FROM events WHERE seq >= ? ORDER BY seq", (row,))
     # Rows can be megabytes: fetch only as many as the window needs, judged
     # by the calls a row held so far (rows of single calls hold a few each).
-    want, rows_seen, calls_seen = 2, 0, 0
+    want, rows_seen, calls_seen, size = 2, 0, 0, 0
     try:
-        while len(out) < limit:
+        while len(out) < limit and size < max_bytes:
             got = cur.fetchmany(want)
             if not got:
                 break
@@ -414,7 +426,10 @@ def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCac
                 first = max(0, after + 1 - base)
                 for i in range(first, min(len(parts), first + limit - len(out))):
                     out.append(Record(base + i, source, received, parts[i]))
-                if len(out) >= limit:
+                    size += len(parts[i])
+                    if size >= max_bytes:
+                        break
+                if len(out) >= limit or size >= max_bytes:
                     break
             want = min(FETCH_ROWS, (limit - len(out)) * rows_seen // calls_seen + 1)
     finally:
@@ -426,7 +441,7 @@ def stored_calls(path: str | Path) -> list[bytes]:
     """Every call the spool at ``path`` holds, in order (for tests and tools)."""
     conn = connect(Path(path) / FILE, readonly=True)
     try:
-        return [r.data for r in read_after(conn, -1, 1 << 62)]
+        return [r.data for r in read_after(conn, -1, 1 << 62, max_bytes=1 << 62)]
     finally:
         conn.close()
 

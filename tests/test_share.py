@@ -1,0 +1,66 @@
+"""gateway/share.py: ingest's share of each turn of the event loop.
+
+Spending is passed in as seconds, so these tests do not depend on how fast
+the machine is."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.share import Turns
+
+
+async def next_turn() -> None:
+    """Let the loop finish this turn and run the next."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_under_the_share_nobody_waits() -> None:
+    turns = Turns(budget=0.001)
+    for _ in range(5):
+        assert not turns.full()
+        turns.spend(0.0001)
+    assert turns.used > 0 and not turns.full()
+
+
+async def test_past_the_share_requests_wait_for_later_turns_in_arrival_order() -> None:
+    turns = Turns(budget=0.001)
+    for _ in range(16):  # requests of 0.5 ms: two fit in a turn
+        turns.spend(0.0005)
+    assert turns.full()
+    order: list[int] = []
+
+    async def request(n: int) -> None:
+        if turns.full():
+            await turns.wait()
+        order.append(n)
+        turns.spend(0.0005)
+
+    tasks = [asyncio.ensure_future(request(n)) for n in range(6)]
+    seen: list[int] = []
+    for _ in range(10):
+        await asyncio.sleep(0)
+        seen.append(len(order))
+        if len(order) == 6:
+            break
+    assert order == list(range(6)), order
+    # No turn let more go than the share holds (budget / average = 2).
+    steps = [b - a for a, b in zip([0] + seen, seen)]
+    assert max(steps) <= 2 and len(seen) >= 3, seen
+    await asyncio.gather(*tasks)
+
+
+async def test_a_cancelled_request_gives_its_place_to_the_next() -> None:
+    turns = Turns(budget=0.001)
+    turns.spend(0.002)
+    first = asyncio.ensure_future(turns.wait())
+    second = asyncio.ensure_future(turns.wait())
+    await asyncio.sleep(0)
+    first.cancel()
+    for _ in range(5):
+        await next_turn()
+        if second.done():
+            break
+    assert second.done() and not second.cancelled()
+    assert not turns._waiting
