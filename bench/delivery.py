@@ -19,14 +19,14 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import AUTH, CALL, ROOT, Proc, free_port, gateway_config, lua_script, metrics, run_wrk  # noqa: E402
+from common import (AUTH, CALL, ROOT, Proc, free_port, gateway_config, lua_script, metrics, run_wrk,  # noqa: E402
+                    scratch)
 
 TARGET_E2E = 50_000
 TARGET_RSS_MB = 300
@@ -166,14 +166,15 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--backlog", type=int, default=1_000_000)
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the spools and logs (printed at the end)")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-delivery-"))
-    for d in ("e2e", "backlog"):
-        (tmp / d).mkdir()
-    if not a.skip_e2e:
-        end_to_end(tmp, a.duration, a.connections)
-    if a.backlog:
-        backlog(tmp, a.backlog)
+    with scratch("gateway-bench-delivery-", a.keep) as tmp:
+        for d in ("e2e", "backlog"):
+            (tmp / d).mkdir()
+        if not a.skip_e2e:
+            end_to_end(tmp, a.duration, a.connections)
+        if a.backlog:
+            backlog(tmp, a.backlog)
     return 0
 
 

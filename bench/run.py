@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Proc, free_port, gateway_config, lua_script, run_wrk, wait_drained  # noqa: E402
+from common import ROOT, Proc, free_port, gateway_config, lua_script, run_wrk, scratch, wait_drained  # noqa: E402
 
 TARGET_SINGLE, TARGET_BATCH, TARGET_P99_MS = 0.6, 0.3, 10.0
 RUDDERSTACK_PER_CORE = 3000 / 8
@@ -29,8 +28,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the spool and logs (printed at the end)")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    with scratch("gateway-bench-", a.keep) as tmp:
+        return measure(a, tmp)
+
+
+def measure(a: argparse.Namespace, tmp: Path) -> int:
     single, batch = tmp / "single.lua", tmp / "batch.lua"
     lua_script(single, 1)
     lua_script(batch, BATCH)

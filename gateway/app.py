@@ -127,7 +127,7 @@ class Handlers:
         self.ingest = app[keys.INGEST]
         self.counters = app[keys.COUNTERS]
         self.cors = Cors(self.cfg)
-        self.turns = Turns()  # ingest's share of the loop, beside delivery
+        self.turns = app[keys.TURNS]  # ingest's share of the loop, beside delivery
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -296,6 +296,7 @@ def create_app(cfg: Config) -> web.Application:
     app[keys.BUILT] = built
     app[keys.INGEST] = Ingest(cfg, built.source_transforms)
     app[keys.COUNTERS] = Counters()
+    app[keys.TURNS] = Turns()
     setup_routes(app, Handlers(app))
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -323,6 +324,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         workers.append(Worker(spool, dc, dest, transforms))
     delivery = Delivery(spool, workers, cfg.storage.retention)
     app[keys.DELIVERY] = delivery
+    app[keys.TURNS].contended = delivery.behind
     app[keys.REGISTRY] = registry_for(counters, spool, workers)
     await _call_hook(built.pm.hook.startup(app=app))
     delivery.start()

@@ -176,6 +176,8 @@ class Worker:
         #: when the retries this worker scheduled are due (a min-heap)
         self.retry_times: list[float] = []
         self.stopping = False
+        #: read a window and more is waiting (share.Turns gives it turns)
+        self.behind = False
         self.task: asyncio.Task[None] | None = None
         self.position = 0
         self.wakeup: asyncio.Event | None = None
@@ -288,6 +290,7 @@ class Worker:
                     if wait > 0:
                         await asyncio.sleep(min(wait, self.dc.batch.max_wait))
                         records = await self.spool.read(self.position, READ_WINDOW)
+                self.behind = bool(records) and records[-1].seq < self.spool.last_seq
                 if records:
                     did += await self._deliver_records(records)
                 if not did:
@@ -297,8 +300,10 @@ class Worker:
             except Exception:  # noqa: BLE001 - storage trouble: wait and go on
                 log.exception("%s: delivery step failed; trying again", self.name)
                 self.prefetch = None
+                self.behind = False
                 synced = False
                 await self._sleep(1.0)
+        self.behind = False
         await self._acked()
 
     async def _read_next(self) -> list[Record]:
@@ -340,6 +345,7 @@ class Worker:
 
     async def _sleep(self, seconds: float) -> None:
         assert self.wakeup is not None
+        self.behind = False
         self.wakeup.clear()
         try:
             await asyncio.wait_for(self.wakeup.wait(), seconds)
@@ -609,6 +615,10 @@ class Delivery:
         self.workers = workers
         self.retention = retention
         self._purger: asyncio.Task[None] | None = None
+
+    def behind(self) -> bool:
+        """Whether a destination that is up has a backlog to work through."""
+        return any(w.behind for w in self.workers)
 
     def start(self) -> None:
         for w in self.workers:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from gateway.ingest import Ingest
     from gateway.metrics import Counters
     from gateway.plugins import Built
+    from gateway.share import Turns
     from gateway.spool.sqlite import SqliteSpool
     from prometheus_client import CollectorRegistry
 
@@ -24,6 +25,7 @@ DELIVERY: web.AppKey["Delivery"] = web.AppKey("delivery")
 COUNTERS: web.AppKey["Counters"] = web.AppKey("counters")
 REGISTRY: web.AppKey["CollectorRegistry"] = web.AppKey("registry")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
+TURNS: web.AppKey["Turns"] = web.AppKey("turns")
 #: the source a request's write key belongs to, for its CORS headers
 #: (web.RequestKey from aiohttp 3.14; a plain string before it)
 SOURCE: Any = web.RequestKey("source", str) if hasattr(web, "RequestKey") else "source"

@@ -74,6 +74,8 @@ class GatewayCollector:
         yield GaugeMetricFamily("gateway_spool_calls", "Calls held in the spool", value=self.spool.rows)
         yield GaugeMetricFamily("gateway_spool_bytes", "Bytes of calls held in the spool", value=self.spool.bytes)
         yield GaugeMetricFamily("gateway_spool_max_bytes", "storage.max_bytes", value=self.spool.max_bytes)
+        yield CounterMetricFamily("gateway_spool_writer_restarts", "Times the spool's writer process died "
+                                  "and another was started", value=self.spool.restarts)
         buckets, acc = [], 0
         for bound, n in zip((*COMMIT_BUCKETS, float("inf")), c.commits):
             acc += n

@@ -4,10 +4,13 @@ Both run on one loop, and the loop runs every ready callback of a turn
 before it looks for I/O again, so each step of a send (the request out, the
 answer in) waits for a whole turn.  Under full load a turn held the prepare
 work of every ready request (30 ms with batches of 100), and a destination
-with 4 batches in flight got a quarter of ingest's rate.  So ingest spends
-about ``INGEST_SLICE`` of prepare work a turn, the requests past it wait for
-the next turn, and a long delivery loop gives the loop a turn every
-``YIELD_AFTER``: turns stay around a few milliseconds and both get theirs.
+with 4 batches in flight got a third of ingest's rate while its backlog
+grew.  So while a destination is behind (it read a window and more is
+waiting, and it is not on hold), ingest spends about ``INGEST_SLICE`` of
+prepare work a turn and the requests past it wait for the next turn; and a
+long delivery loop gives the loop a turn every ``YIELD_AFTER``.  Turns stay
+at a few milliseconds and both get theirs.  A destination that is down or
+on hold is not behind in this sense: it never slows ingest.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Callable
 
 INGEST_SLICE = 0.001  # seconds of ingest work a turn of the loop, at most
 YIELD_AFTER = 0.002  # seconds of delivery planning before the loop gets a turn
@@ -35,12 +39,14 @@ class Pacer:
 
 
 class Turns:
-    """Ingest's share of each turn of the loop.  Past it, requests wait in
-    arrival order; each turn lets go as many as the share held lately.
-    Costs two clock reads a request while the loop keeps up."""
+    """Ingest's share of each turn of the loop while ``contended()``.  Past
+    it, requests wait in arrival order; each turn lets go as many as the
+    share held lately.  Costs two clock reads a request otherwise."""
 
     def __init__(self, budget: float = INGEST_SLICE) -> None:
         self.budget = budget
+        #: whether delivery needs turns now (Delivery.behind)
+        self.contended: Callable[[], bool] = lambda: True
         self.used = 0.0  # seconds spent this turn
         self.average = budget / 8  # seconds a request, lately
         self._marked = False
@@ -48,7 +54,7 @@ class Turns:
 
     def full(self) -> bool:
         """Whether a request must wait (behind those already waiting)."""
-        return self.used >= self.budget or bool(self._waiting)
+        return bool(self._waiting) or (self.used >= self.budget and self.contended())
 
     async def wait(self) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -69,7 +75,7 @@ class Turns:
     def _next_turn(self) -> None:
         self._marked = False
         self.used = 0.0
-        n = max(1, int(self.budget / max(self.average, 1e-6)))
+        n = max(1, int(self.budget / max(self.average, 1e-6))) if self.contended() else len(self._waiting)
         while n and self._waiting:
             fut = self._waiting.popleft()
             if not fut.done():  # done: the request was cancelled

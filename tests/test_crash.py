@@ -216,6 +216,9 @@ async def test_a_killed_spool_writer_costs_503s_never_an_acknowledged_call(gatew
             assert time.monotonic() < deadline, "the server never stored a call again"
             await asyncio.sleep(0.1)
     assert gw.writer_pid() != writer
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.url + "/metrics") as r:
+            assert "gateway_spool_writer_restarts_total 1.0" in await r.text()
     await wait_delivered(out, load.acked | {"c-999-0"})
     assert gw.terminate() == 0
     log = (tmp_path / f"gateway-{gw.port}.log").read_text()

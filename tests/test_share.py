@@ -64,3 +64,21 @@ async def test_a_cancelled_request_gives_its_place_to_the_next() -> None:
             break
     assert second.done() and not second.cancelled()
     assert not turns._waiting
+
+
+async def test_while_delivery_is_not_behind_ingest_takes_the_whole_turn() -> None:
+    """A destination that is caught up, down or on hold never slows ingest."""
+    behind = False
+    turns = Turns(budget=0.001)
+    turns.contended = lambda: behind
+    turns.spend(0.05)  # requests look costly: one a turn while contended
+    assert not turns.full()
+    behind = True
+    assert turns.full()
+    waiters = [asyncio.ensure_future(turns.wait()) for _ in range(5)]
+    await asyncio.sleep(0)  # all queue
+    assert len(turns._waiting) == 5
+    behind = False  # caught up: everyone waiting goes at the next turn
+    await next_turn()
+    await asyncio.sleep(0)
+    assert all(w.done() for w in waiters) and not turns.full()

@@ -99,6 +99,7 @@ class SqliteSpool:
         self._proc: subprocess.Popen[bytes] | None = None
         self._restart: asyncio.Task[None] | None = None
         self._closing = False
+        self.restarts = 0  # writers that died and were replaced
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # request id -> its answer
         self._inserts: set[asyncio.Future[Any]] = set()  # those of _waiting that are appends
@@ -173,6 +174,7 @@ class SqliteSpool:
         if was_live and not self._closing:
             code = self._proc.poll() if self._proc is not None else None
             log.error("the spool writer exited (code %s); starting another", code)
+            self.restarts += 1
             self._restart = asyncio.ensure_future(self._restart_writer())
 
     async def _restart_writer(self) -> None:
