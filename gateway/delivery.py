@@ -176,7 +176,7 @@ class Worker:
         #: when the retries this worker scheduled are due (a min-heap)
         self.retry_times: list[float] = []
         self.stopping = False
-        #: read a window and more is waiting (share.Turns gives it turns)
+        #: its last read filled a window: a backlog (share.Turns gives it turns)
         self.behind = False
         self.task: asyncio.Task[None] | None = None
         self.position = 0
@@ -290,7 +290,7 @@ class Worker:
                     if wait > 0:
                         await asyncio.sleep(min(wait, self.dc.batch.max_wait))
                         records = await self.spool.read(self.position, READ_WINDOW)
-                self.behind = bool(records) and records[-1].seq < self.spool.last_seq
+                self.behind = len(records) >= READ_WINDOW
                 if records:
                     did += await self._deliver_records(records)
                 if not did:

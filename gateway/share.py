@@ -5,12 +5,14 @@ before it looks for I/O again, so each step of a send (the request out, the
 answer in) waits for a whole turn.  Under full load a turn held the prepare
 work of every ready request (30 ms with batches of 100), and a destination
 with 4 batches in flight got a third of ingest's rate while its backlog
-grew.  So while a destination is behind (it read a window and more is
-waiting, and it is not on hold), ingest spends about ``INGEST_SLICE`` of
+grew.  So while a destination is behind (its last read filled a whole
+window, and it is not on hold), ingest spends about ``INGEST_SLICE`` of
 prepare work a turn and the requests past it wait for the next turn; and a
 long delivery loop gives the loop a turn every ``YIELD_AFTER``.  Turns stay
-at a few milliseconds and both get theirs.  A destination that is down or
-on hold is not behind in this sense: it never slows ingest.
+at a few milliseconds and both get theirs.  bench/delivery.py: without the
+share, 28,000 calls/s delivered while ingest took 104,000; with it, 65,000
+of 75,000; with a 1.5 ms share (two batches a turn), 43,000 of 98,000.
+A destination that is down or on hold is not behind: it never slows ingest.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ _encode = msgspec.json.Encoder().encode
 
 class FileDestination(Destination):
     type = "file"
-    limits = Limits(max_batch_calls=1000, max_batch_bytes=8 * 1024 * 1024, max_call_bytes=1024 * 1024,
+    # A delivery window (5,000 calls, 16 MiB) is one write and one fsync.
+    limits = Limits(max_batch_calls=10_000, max_batch_bytes=16 * 1024 * 1024, max_call_bytes=1024 * 1024,
                     batch_overhead=0, rate_requests=1e9)
 
     class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
