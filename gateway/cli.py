@@ -67,8 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
         runner = asyncio.Runner()
+    from gateway.spool import StorageFailed
+
     with runner:
-        runner.run(_serve(app, host, port, cfg))
+        try:
+            runner.run(_serve(app, host, port, cfg))
+        except (OSError, StorageFailed) as e:  # the port is taken, the spool cannot be opened
+            print(f"gateway: cannot start: {e}", file=sys.stderr, flush=True)
+            return 1
     print("gateway: stopped", flush=True)
     return 0
 

@@ -7,6 +7,7 @@ seeds/pipelines-vs-track-api.txt, "Maximum request sizes" (64 KB a call,
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -282,3 +283,20 @@ def test_gateway_serve_refuses_a_bad_config_before_binding(tmp_path: Path) -> No
     (tmp_path / "bad.yaml").write_text("server:\n  port: nope\n")
     r = run_gateway("serve", "--config", "bad.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "server.port" in r.stderr and "line 2" in r.stderr
+
+
+@pytest.mark.parametrize("problem", ["spool", "port"])
+def test_gateway_serve_that_cannot_start_says_why_in_one_line(tmp_path: Path, problem: str) -> None:
+    """A spool path that is not a directory, or a port already taken: exit 1
+    with the reason, not a traceback."""
+    (tmp_path / "taken").write_text("a file")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1] if problem == "port" else 0
+        spool = tmp_path / ("taken" if problem == "spool" else "spool") / "data"
+        (tmp_path / "c.yaml").write_text(f"server: {{port: {port}}}\nstorage: {{path: {spool}}}\n")
+        r = run_gateway("serve", "--config", "c.yaml", cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.startswith("gateway: cannot start:"), r.stderr
+    assert ("taken" if problem == "spool" else "address already in use") in r.stderr.lower(), r.stderr
