@@ -3,10 +3,11 @@
 All writes go through one writer process (``writer.py``): appends, cursors,
 acks and purges are messages on a socket, grouped into one transaction per
 commit.  The appends of one turn of the event loop travel as one message, so
-the writer sees a few messages per commit, not one per request.  Reads use a
-connection of the server's own on a reader thread; WAL lets them run beside
-the writer.  If the writer process dies, what it had not answered fails with
-StorageFailed (a 503, never a 200) and a new one is started.
+the writer sees a few messages per commit, not one per request.  Reads use
+connections of the server's own (delivery's windows on the event loop, the
+rest on a reader thread); WAL lets them run beside the writer.  If the
+writer process dies, what it had not answered fails with StorageFailed (a
+503, never a 200) and a new one is started.
 """
 
 from __future__ import annotations
@@ -142,13 +143,17 @@ class SqliteSpool:
         finally:
             theirs.close()
         assert self._loop is not None
+        link: _Link | None = None
         try:
             _, link = await self._loop.create_unix_connection(lambda: _Link(self), sock=ours)
             opened = await asyncio.wait_for(asyncio.shield(link.opened), OPEN_TIMEOUT)
             if opened.error:
                 raise StorageFailed(opened.error)
         except BaseException:
-            ours.close()
+            if link is not None and link.transport is not None:
+                link.transport.close()
+            else:
+                ours.close()
             await self._reap(proc)
             raise
         self._proc = proc
@@ -195,6 +200,8 @@ class SqliteSpool:
                 log.error("could not start the spool writer: %s", e)
 
     async def close(self) -> None:
+        if self._flush_queued:
+            self._flush()
         self._closing = True
         if self._restart is not None:
             self._restart.cancel()
@@ -203,8 +210,6 @@ class SqliteSpool:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
             self._restart = None
-        if self._flush_queued:
-            self._flush()
         link = self._link
         if link is not None and link.transport is not None:
             # The writer answers what it has read, then sees the end of the stream.
