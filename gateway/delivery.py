@@ -300,9 +300,8 @@ class Worker:
             except Exception:  # noqa: BLE001 - storage trouble: wait and go on
                 log.exception("%s: delivery step failed; trying again", self.name)
                 self.prefetch = None
-                self.behind = False
                 synced = False
-                await self._sleep(1.0)
+                await self._sleep(1.0)  # which also marks it not behind
         self.behind = False
         await self._acked()
 

@@ -228,17 +228,18 @@ async def test_a_killed_spool_writer_costs_503s_never_an_acknowledged_call(gatew
 
 async def wait_gone(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists() and "(Z)" not in _state(pid):
+    while _running(pid):
         assert time.monotonic() < deadline, f"process {pid} is still running"
         await asyncio.sleep(0.05)
 
 
-def _state(pid: int) -> str:
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie has)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return "(gone)"
-    return "(Z)" if stat.rsplit(")", 1)[1].split()[0] == "Z" else "(running)"
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,6 @@ async def test_append_then_read_in_order(spool: SqliteSpool) -> None:
 async def test_concurrent_appends_of_several_sources_share_one_insert(spool: SqliteSpool) -> None:
     """Appends waiting for the writer become one multi-row INSERT; every call
     gets its own position and last_seq is the newest of them."""
-    import asyncio
     sources = [f"s{i % 3}" for i in range(30)]
     await asyncio.gather(*(spool.append(src, [b'{"n":%d}' % i, b'{"m":%d}' % i]) for i, src in enumerate(sources)))
     got = await spool.read(-1, 1000)
@@ -122,9 +121,8 @@ async def test_purge_keeps_what_any_destination_still_needs(spool: SqliteSpool) 
 async def test_purge_of_many_rows_goes_in_steps_and_stops_at_the_cursor(spool: SqliteSpool) -> None:
     """A purge deletes PURGE_ROWS rows a transaction (so appends are not held
     behind one long delete) and still removes all it may, and nothing more."""
-    from gateway.spool.store import PURGE_ROWS
     await spool.cursor("d")
-    total = PURGE_ROWS * 3 + 5
+    total = store.PURGE_ROWS * 3 + 5
     for i in range(total):
         await spool.append("web", [b"%d" % i])  # one row each (nothing else is pending)
     recs = await spool.read(-1, total)
@@ -183,15 +181,15 @@ async def test_dead_letters_list_and_replay(spool: SqliteSpool) -> None:
     now = time.time()
     call = b'{"messageId":"m-1","type":"track"}'
     await spool.ack(Ack("d", dead=[DeadLetter(0, "d", 5, "m-1", "HTTP 400", 400, "bad", 1, now, "web", call)]))
-    store = DeadLetterStore(spool.dir)
+    letters = DeadLetterStore(spool.dir)
     try:
-        [x] = store.list("d")
+        [x] = letters.list("d")
         assert (x.message_id, x.reason, x.status, x.body, x.data) == ("m-1", "HTTP 400", 400, "bad", call)
-        assert store.list("other") == [] and store.list(message_id="nope") == []
-        assert [y.message_id for y in store.replay(message_id="m-1")] == ["m-1"]
-        assert store.list() == []
+        assert letters.list("other") == [] and letters.list(message_id="nope") == []
+        assert [y.message_id for y in letters.replay(message_id="m-1")] == ["m-1"]
+        assert letters.list() == []
     finally:
-        store.close()
+        letters.close()
     [p] = await spool.due("d", time.time() + 1, 10)
     assert (p.seq, p.data, p.attempts) == (5, call, 0)
 

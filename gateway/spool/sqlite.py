@@ -103,7 +103,6 @@ class SqliteSpool:
         self.restarts = 0  # writers that died and were replaced
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}  # request id -> its answer
-        self._inserts: set[asyncio.Future[Any]] = set()  # those of _waiting that are appends
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None  # on the reader thread
         self._lconn: sqlite3.Connection | None = None  # on the event loop
@@ -250,7 +249,6 @@ class SqliteSpool:
 
     def _committed(self, group: w.Committed) -> None:
         self.on_commit(group.seconds)
-        newest = 0
         for reply in group.replies:
             fut = self._waiting.pop(reply.id, None)
             if fut is None or fut.done():
@@ -259,10 +257,8 @@ class SqliteSpool:
                 fut.set_exception(StorageFailed(reply.error))
             else:
                 fut.set_result(reply.result)
-                if fut in self._inserts:
-                    newest = max(newest, reply.result)
-        if newest > self.last_seq:
-            self.last_seq = newest
+        if group.last > self.last_seq:
+            self.last_seq = group.last
             for ev in self._listeners:
                 ev.set()
 
@@ -310,13 +306,10 @@ class SqliteSpool:
             return
         now = time.time()
         rows = [row for source, calls in pending.items() for row in segments(source, calls, now)]
-        job = self.submit(lambda n: w.Insert(n, rows))
-        self._inserts.add(job)
-        job.add_done_callback(functools.partial(self._settle, waiters))
+        self.submit(lambda n: w.Insert(n, rows)).add_done_callback(functools.partial(self._settle, waiters))
 
     def _settle(self, waiters: list[asyncio.Future[None]], job: asyncio.Future[Any]) -> None:
         """Answer every append of one flush."""
-        self._inserts.discard(job)
         exc = StorageFailed("the spool closed before the calls were stored") if job.cancelled() else job.exception()
         for fut in waiters:
             if not fut.done():

@@ -72,10 +72,12 @@ class Reply(msgspec.Struct, array_like=True):
 
 
 class Committed(msgspec.Struct, array_like=True):
-    """The answers to one group, and how long its transaction took."""
+    """The answers to one group, how long its transaction took, and the
+    newest position its inserts wrote (0 when none did)."""
 
     seconds: float
     replies: list[Reply]
+    last: int
 
 
 class Opened(msgspec.Struct, array_like=True):
@@ -139,31 +141,36 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _transaction(conn: sqlite3.Connection, reqs: list[Request]) -> list[Any]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        results = [run(conn, r) for r in reqs]
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+    return results
+
+
 def run_group(conn: sqlite3.Connection, reqs: list[Request]) -> Committed:
     """One transaction for all; if it fails, each on its own, so one bad
     request does not fail its neighbours."""
     started = time.perf_counter()
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        results = [run(conn, r) for r in reqs]
-        conn.execute("COMMIT")
-        replies = [Reply(r.id, None, res) for r, res in zip(reqs, results)]
+        replies = [Reply(r.id, None, res) for r, res in zip(reqs, _transaction(conn, reqs))]
     except Exception as exc:  # noqa: BLE001 - any storage error is the server's 503, never a 200
-        rollback(conn)
         if len(reqs) == 1:
             replies = [Reply(reqs[0].id, _why(exc), None)]
         else:
             replies = []
             for r in reqs:
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    res = run(conn, r)
-                    conn.execute("COMMIT")
-                    replies.append(Reply(r.id, None, res))
+                    replies.append(Reply(r.id, None, _transaction(conn, [r])[0]))
                 except Exception as e:  # noqa: BLE001
-                    rollback(conn)
                     replies.append(Reply(r.id, _why(e), None))
-    return Committed(time.perf_counter() - started, replies)
+    last = max((rep.result for r, rep in zip(reqs, replies) if isinstance(r, Insert) and rep.error is None),
+               default=0)
+    return Committed(time.perf_counter() - started, replies, last)
 
 
 def _checkpoints(file: Path, stop: threading.Event) -> None:
