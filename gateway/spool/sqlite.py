@@ -364,10 +364,9 @@ class SqliteSpool:
             waiting = conn.execute(
                 "SELECT coalesce(sum(CASE WHEN seq = ? THEN count - 1 - ? ELSE count END), 0), min(received) "
                 "FROM events WHERE seq > ? OR (seq = ? AND count - 1 > ?)", (crow, cidx, crow, crow, cidx)).fetchone()
-            oldest = (waiting[1],) if waiting[1] is not None else None
             r = conn.execute("SELECT count(*), min(first_failed) FROM retries WHERE destination = ?",
                              (destination,)).fetchone()
-            ages = [t for t in (oldest[0] if oldest else None, r[1]) if t is not None]
+            ages = [t for t in (waiting[1], r[1]) if t is not None]
             return int(waiting[0]), int(r[0]), (min(ages) if ages else None)
         return await self._read(q)
 
