@@ -6,33 +6,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import zlib
 from time import perf_counter
 from typing import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import msgspec
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 
-from gateway import keys
+from gateway import app_state as state
 from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_document
 from gateway.config import Config
-from gateway.delivery import Delivery, Worker
+from gateway.delivery import Delivery
 from gateway.events import BATCH_PATHS, PATH_TYPES
-from gateway.ingest import Ingest, Rejection, RequestRejected, key_from_header
+from gateway.http_body import read_body
+from gateway.ingest import Ingest
+from gateway.ingest.auth import ProxyTrust
+from gateway.ingest.call_checks import Rejection, RequestRejected
+from gateway.loop_share import IngestShare
 from gateway.metrics import Counters, registry_for, render
 from gateway.plugins import build
-from gateway.share import Turns
-from gateway.spool import SpoolFull, StorageFailed
-from gateway.spool.sqlite import SqliteSpool
+from gateway.spool import SpoolFull, StorageFailed, spool_for
 
 log = logging.getLogger("gateway")
 
 KINDS = frozenset(PATH_TYPES) | BATCH_PATHS
-ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
-X_GZIP = "x-gzip"  # RFC 9110 8.4.1.3: gzip; aiohttp leaves it to us
 RETRY_AFTER = "5"
 OK = b"{}"
 _encode = msgspec.json.Encoder().encode
@@ -51,66 +47,6 @@ def _error_body(r: Rejection) -> dict[str, object]:
     return body
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The (decompressed) body, refused past ``limit`` bytes before or after
-    decompression: aiohttp inflates in bounded steps, so a gzip bomb stops here."""
-    encoding = request.headers.get("Content-Encoding", "")
-    if encoding:
-        encoding = encoding.strip().lower()
-    if encoding not in ENCODINGS:
-        raise RequestRejected(400, Rejection("encoding", f"Content-Encoding {encoding!r} is not supported "
-                                             "(gzip, deflate or none)", "Content-Encoding"))
-    size = request.content_length
-    if size is not None and size > limit:
-        raise RequestRejected(400, Rejection("size", f"request body is {size} bytes; the limit is {limit}",
-                                             "body", limit))
-    chunks: list[bytes] = []
-    total = 0
-    content = request.content
-    try:
-        if size is not None and not encoding:
-            # The usual case: the whole body is usually in the buffer already.
-            try:
-                return await content.readexactly(size)
-            except asyncio.IncompleteReadError as e:
-                raise RequestRejected(400, Rejection("json", f"the body ended after {len(e.partial)} of "
-                                                     f"{size} bytes", "body")) from None
-        while True:
-            chunk = await content.readany()
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise RequestRejected(400, Rejection(
-                    "size", f"request body is over {limit} bytes{' once decompressed' if encoding else ''}",
-                    "body", limit))
-            chunks.append(chunk)
-    except (HttpProcessingError, RequestPayloadError) as e:
-        cause = e.__cause__ if isinstance(e.__cause__, HttpProcessingError) else e
-        detail = getattr(cause, "message", "") or type(cause).__name__
-        raise RequestRejected(400, Rejection("encoding", f"the body could not be read as {encoding or 'sent'}: "
-                                             f"{str(detail).strip()}", "Content-Encoding")) from None
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return inflate_gzip(body, limit) if encoding == X_GZIP else body
-
-
-def inflate_gzip(data: bytes, limit: int) -> bytes:
-    """Gzip that aiohttp did not inflate, capped at ``limit`` bytes of output."""
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise RequestRejected(400, Rejection("encoding", f"the body could not be read as gzip: {e}",
-                                             "Content-Encoding")) from None
-    if len(out) > limit:
-        raise RequestRejected(400, Rejection("size", f"request body is over {limit} bytes once decompressed",
-                                             "body", limit))
-    if not d.eof:
-        raise RequestRejected(400, Rejection("encoding", "the gzip body ends before its trailer",
-                                             "Content-Encoding"))
-    return out
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -122,12 +58,14 @@ class Handlers:
     ``observed``; aiohttp then pays nothing per request for them."""
 
     def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self.cfg = app[keys.CONFIG]
-        self.ingest = app[keys.INGEST]
-        self.counters = app[keys.COUNTERS]
+        self.cfg = app[state.CONFIG]
+        self.ingest = app[state.INGEST]
+        self.spool = app[state.SPOOL]
+        self.counters = app[state.COUNTERS]
+        self.metrics_registry = app[state.METRICS]
         self.cors = Cors(self.cfg)
-        self.turns = app[keys.TURNS]  # ingest's share of the loop, beside delivery
+        self.proxies = ProxyTrust(self.cfg.server.trusted_proxies)
+        self.share = app[state.INGEST_SHARE]  # ingest's share of the loop, beside delivery
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -143,7 +81,7 @@ class Handlers:
                 resp = _json(500, {"error": "internal error"})
             origin = request.headers.get("Origin")
             if origin:
-                resp.headers.update(cors.headers(origin, request.get(keys.SOURCE)))
+                resp.headers.update(cors.headers(origin, request.get(state.SOURCE)))
             counters.request(endpoint, resp.status)
             return resp
         return wrapped
@@ -160,7 +98,7 @@ class Handlers:
             resp = _json(500, {"error": "internal error"})
         origin = request.headers.get("Origin")
         if origin:
-            resp.headers.update(self.cors.headers(origin, request.get(keys.SOURCE)))
+            resp.headers.update(self.cors.headers(origin, request.get(state.SOURCE)))
         self.counters.request(endpoint, resp.status)
         return resp
 
@@ -170,22 +108,22 @@ class Handlers:
         # seeds/pipelines-api-reference.txt: "1" is strict, any other value permissive
         strict = headers.get("X-Strict-Mode", "").strip() == "1"
         ingest = self.ingest
-        turns = self.turns
+        share = self.share
         try:
             body = await read_body(request, ingest.body_limit(kind))
-            if turns.full():
-                await turns.wait()
+            if share.full():
+                await share.wait()
             started = perf_counter()
             try:
                 prepared = ingest.prepare(kind, body, headers, request.remote)
             finally:
-                turns.spend(perf_counter() - started)
+                share.spend(perf_counter() - started)
         except RequestRejected as e:
             r = e.rejection
             counters.bump(counters.rejected, r.reason)
             if not strict and e.status != 401:
                 # A source with strict: true is strict before its body is read.
-                src = ingest.keys.source_for(key_from_header(headers.get("Authorization")))
+                src = ingest.header_source(headers)
                 strict = src is not None and src.strict
             unread = not request.content.is_eof()  # close rather than drain what is left
             log.info("rejected %s request from %s: %s", request.path, request.remote, r.message)
@@ -194,7 +132,7 @@ class Handlers:
                 resp.force_close()
             return resp
         source = prepared.source
-        request[keys.SOURCE] = source.name
+        request[state.SOURCE] = source.name
         strict = strict or source.strict
         if prepared.rejections:
             for r in prepared.rejections:
@@ -204,7 +142,7 @@ class Handlers:
         for reason in prepared.dropped:
             counters.bump(counters.dropped, reason)
         try:
-            await self.app[keys.SPOOL].append(source.name, prepared.rows)
+            await self.spool.append(source.name, prepared.rows)
         except (SpoolFull, StorageFailed) as e:
             counters.bump(counters.rejected, "overload", len(prepared.rows))
             log.warning("503 for %d call(s): %s", len(prepared.rows), e)
@@ -233,11 +171,11 @@ class Handlers:
     def settings_for(self, integration: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
             key = request.match_info["write_key"]
-            source = self.ingest.keys.source_for(key)
+            source = self.ingest.source_for_key(key)
             if source is None:
                 return _json(404, {"error": "unknown write key"})
-            request[keys.SOURCE] = source.name
-            proto, host = public_base(request, self.cfg, self.ingest.proxies)
+            request[state.SOURCE] = source.name
+            proto, host = public_base(request, self.cfg, self.proxies)
             return _json(200, settings_document(integration, key, proto, host))
         return handler
 
@@ -248,24 +186,21 @@ class Handlers:
         return _json(200, {"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        spool = self.app.get(keys.SPOOL)
+        spool = self.spool
         problems = []
-        if spool is None:
-            problems.append("spool not open")
-        else:
-            if not spool.has_room(self.cfg.server.max_event_bytes):
-                problems.append(f"spool full ({spool.bytes} of {spool.max_bytes} bytes)")
-            try:
-                async with asyncio.timeout(2.0):
-                    await spool.check_writable()
-            except (StorageFailed, asyncio.TimeoutError) as e:
-                problems.append(f"spool not writable: {e or 'timed out'}")
+        if not spool.has_room(self.cfg.server.max_event_bytes):
+            problems.append(f"spool full ({spool.bytes} of {spool.max_bytes} bytes)")
+        try:
+            async with asyncio.timeout(2.0):
+                await spool.check_writable()
+        except (StorageFailed, asyncio.TimeoutError) as e:
+            problems.append(f"spool not writable: {e or 'timed out'}")
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=render(self.app[keys.REGISTRY]),
+        return web.Response(body=render(self.metrics_registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -288,15 +223,22 @@ def setup_routes(app: web.Application, handlers: Handlers) -> None:
 
 
 def create_app(cfg: Config) -> web.Application:
-    """Build the app for a config; plugin objects are built here, once, so
-    a config error fails before the server binds its port."""
+    """Build the app for a config: plugin objects, the spool (opened at
+    start) and the delivery workers are built here, once, each with what it
+    needs, so a config error fails before the server binds its port."""
     built = build(cfg)
+    counters = Counters()
+    spool = spool_for(cfg.storage, counters.commit)
+    delivery = Delivery(spool, built, cfg.storage.retention)
     app = web.Application(client_max_size=cfg.server.max_batch_bytes + 1)
-    app[keys.CONFIG] = cfg
-    app[keys.BUILT] = built
-    app[keys.INGEST] = Ingest(cfg, built.source_transforms)
-    app[keys.COUNTERS] = Counters()
-    app[keys.TURNS] = Turns()
+    app[state.CONFIG] = cfg
+    app[state.BUILT] = built
+    app[state.INGEST] = Ingest(cfg, built.source_transforms)
+    app[state.COUNTERS] = counters
+    app[state.SPOOL] = spool
+    app[state.DELIVERY] = delivery
+    app[state.INGEST_SHARE] = IngestShare(contended=delivery.behind)
+    app[state.METRICS] = registry_for(counters, spool, delivery.workers)
     setup_routes(app, Handlers(app))
     app.cleanup_ctx.append(_lifecycle)
     return app
@@ -309,29 +251,16 @@ async def _call_hook(results: list[object]) -> None:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    cfg = app[keys.CONFIG]
-    built = app[keys.BUILT]
-    counters = app[keys.COUNTERS]
-    spool = SqliteSpool(cfg.storage.path, int(cfg.storage.max_bytes))
-    spool.on_commit = counters.commit
+    cfg, built, spool, delivery = app[state.CONFIG], app[state.BUILT], app[state.SPOOL], app[state.DELIVERY]
     await spool.open()
-    app[keys.SPOOL] = spool
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=64))
-    app[keys.HTTP] = http
-    workers = []
-    for dc, dest, transforms in built.destinations:
-        dest.http = http
-        workers.append(Worker(spool, dc, dest, transforms))
-    delivery = Delivery(spool, workers, cfg.storage.retention)
-    app[keys.DELIVERY] = delivery
-    app[keys.TURNS].contended = delivery.behind
-    app[keys.REGISTRY] = registry_for(counters, spool, workers)
-    await _call_hook(built.pm.hook.startup(app=app))
-    delivery.start()
     try:
-        yield
+        await _call_hook(built.pm.hook.startup(app=app))
+        delivery.start()
+        try:
+            yield
+        finally:
+            await delivery.stop(cfg.server.shutdown_timeout)
+            await _call_hook(built.pm.hook.shutdown(app=app))
     finally:
-        await delivery.stop(cfg.server.shutdown_timeout)
-        await _call_hook(built.pm.hook.shutdown(app=app))
-        await http.close()
+        await built.http.close()
         await spool.close()

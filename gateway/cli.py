@@ -94,11 +94,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     for t in cfg.transforms:
         print(f"  {t.type}  [plugin {built.registry.provider['transform:' + t.type]}]")
     print("destinations:")
-    for dc, dest, dts in built.destinations:
+    for b in built.destinations:
+        dc = b.config
         extra = f" aliases {', '.join(dc.aliases)}" if dc.aliases else ""
         off = "" if dc.enabled else " (disabled)"
         print(f"  {dc.name}: {dc.type}{extra}{off}  [plugin {built.registry.provider['destination:' + dc.type]}]")
-        for t in dts:
+        for t in b.transforms:
             print(f"    transform {t.type}")
     print("plugins:")
     for name, provides in built.registry.plugins(built.pm).items():
@@ -107,9 +108,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from gateway.delivery import Worker
+    from gateway.delivery.planner import Planner
     from gateway.events import BATCH_PATHS, PATH_TYPES
-    from gateway.ingest import Ingest, RequestRejected
+    from gateway.ingest import Ingest
+    from gateway.ingest.call_checks import RequestRejected
     from gateway.plugins import build
 
     cfg = _load(args.config)
@@ -141,19 +143,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"source": source.name,
                            "rejected": prepared.rejections, "dropped_by_source_transforms": prepared.dropped,
                            "calls": []}
+    planners = [(b.config, b.destination, Planner(b.config, b.destination, b.transforms)) for b in built.destinations]
     for row in prepared.rows:
         call = msgspec.json.decode(row)
         dests = []
-        for dc, dest, dts in built.destinations:
-            plan = Worker(None, dc, dest, dts).plan(row, source.name)
+        for dc, dest, planner in planners:
+            plan = planner.plan(row, source.name)
             entry: dict[str, Any] = {"destination": dc.name, "type": dc.type}
             if not dc.enabled:
                 entry.update(sends=False, why="the destination is disabled")
             elif plan.payload is not None:
+                request = dest.batch_body([plan.payload])
                 entry.update(sends=True, why="routed", payload=msgspec.json.decode(plan.payload),
-                             request_body=msgspec.json.decode(dest.batch_body([plan.payload]))
-                             if dest.batch_body([plan.payload]).lstrip()[:1] in (b"{", b"[") else
-                             dest.batch_body([plan.payload]).decode())
+                             request_body=msgspec.json.decode(request) if request.lstrip()[:1] in (b"{", b"[")
+                             else request.decode())
             elif plan.error is not None:
                 entry.update(sends=False, why="dead letter", error=plan.error)
             else:
@@ -165,11 +168,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from gateway.spool.sqlite import DeadLetterStore
+    from gateway.spool import open_dead_letters
 
     cfg = _load(args.config)
     try:
-        store = DeadLetterStore(cfg.storage.path)
+        store = open_dead_letters(cfg.storage)
     except FileNotFoundError as e:
         print(f"gateway dlq: {e}", file=sys.stderr)
         return 1

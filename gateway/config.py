@@ -216,7 +216,7 @@ def _line_of(root: yaml.Node | None, path: str, extra_key: str | None) -> int | 
     return line
 
 
-def convert(data: Any, type_: type, root: yaml.Node | None = None, where: str = "", base: str = "$") -> Any:
+def to_struct(data: Any, type_: type, root: yaml.Node | None = None, where: str = "", base: str = "$") -> Any:
     """msgspec.convert with an error that names the key, and its line when
     known; ``base`` is where ``data`` sits in the YAML (``$.destinations[0].settings``)."""
     try:
@@ -262,7 +262,7 @@ def loads(text: str, env: dict[str, str] | None = None) -> Config:
     data = _construct(root, env) if root is not None else {}
     if not isinstance(data, dict):
         raise ConfigError("the config must be a mapping of keys to values")
-    cfg: Config = convert(data, Config, root)
+    cfg: Config = to_struct(data, Config, root)
     if root is not None:
         key = id(cfg)
         _NODES[key] = (weakref.ref(cfg, lambda _: _NODES.pop(key, None)), root)

@@ -15,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from gateway.destination import Destination, Transform
+    from gateway.plugin_classes import Destination, Transform
 
 hookspec = pluggy.HookspecMarker("gateway")
 hookimpl = pluggy.HookimplMarker("gateway")

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 if TYPE_CHECKING:
     from gateway.delivery import Worker
-    from gateway.spool.sqlite import SqliteSpool
+    from gateway.spool import Spool
 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -46,7 +46,7 @@ class Counters:
 
 
 class GatewayCollector:
-    def __init__(self, counters: Counters, spool: "SqliteSpool", workers: list["Worker"]) -> None:
+    def __init__(self, counters: Counters, spool: "Spool", workers: list["Worker"]) -> None:
         self.c = counters
         self.spool = spool
         self.workers = workers
@@ -122,7 +122,7 @@ class GatewayCollector:
         yield from (dead, skipped, reqs, backlog, retry_backlog, oldest, paused)
 
 
-def registry_for(counters: Counters, spool: "SqliteSpool", workers: list["Worker"]) -> CollectorRegistry:
+def registry_for(counters: Counters, spool: "Spool", workers: list["Worker"]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(GatewayCollector(counters, spool, workers))  # type: ignore[arg-type]
     return reg

@@ -9,21 +9,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import aiohttp
 import msgspec
 import pluggy
 
 from gateway import hookspecs
-from gateway.config import Config, ConfigError, DestinationConfig, TransformConfig, convert, node_of
-from gateway.destination import Destination, Transform
+from gateway.config import Config, ConfigError, DestinationConfig, TransformConfig, node_of, to_struct
+from gateway.http_client import HttpClient, HttpPool, Throttle
+from gateway.plugin_classes import Destination, Transform
 
 #: built-in plugins: ordinary plugin modules with exactly a third party's power
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.file",
     "plugins.webhook",
     "plugins.transforms",
-    "plugins.customerio_track",
-    "plugins.customerio_pipelines",
+    "plugins.customerio",
 )
 ENTRY_POINT_GROUP = "gateway"
 
@@ -72,7 +71,7 @@ def _check_type(cls: Any, base: type, plugin_name: str) -> None:
     and a Struct of ``Settings``: said at start, naming the plugin."""
     what = f"register_{base.__name__.lower()}s of plugin {plugin_name}"
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"{what} returned {cls!r}, which is not a subclass of {base.__module__}.{base.__name__}")
+        raise ConfigError(f"{what} returned {cls!r}, which is not a subclass of gateway.api.{base.__name__}")
     if not isinstance(getattr(cls, "type", None), str) or not cls.type:
         raise ConfigError(f"{what}: {cls.__name__} has no type string")
     settings = getattr(cls, "Settings", None)
@@ -102,18 +101,32 @@ def build_transform(reg: Registry, tc: TransformConfig, where: str, root: Any = 
     if cls is None:
         raise ConfigError(f"{where}.type: unknown transform type {tc.type!r} "
                           f"(known: {', '.join(sorted(reg.transforms))})")
-    settings = convert(tc.settings, cls.Settings, root, f"{where}.settings: ", f"$.{where}.settings")
+    settings = to_struct(tc.settings, cls.Settings, root, f"{where}.settings: ", f"$.{where}.settings")
     return cls(settings)
 
 
-def build_destination(reg: Registry, dc: DestinationConfig, where: str,
-                      http: aiohttp.ClientSession | None, root: Any = None) -> Destination:
+class BuiltDestination(msgspec.Struct):
+    """One configured destination, built: its object, its transforms and the
+    rate limit its HTTP client waits on (the engine reads it too)."""
+
+    config: DestinationConfig
+    destination: Destination
+    transforms: list[Transform]
+    throttle: Throttle
+
+
+def build_destination(reg: Registry, dc: DestinationConfig, where: str, pool: HttpPool,
+                      root: Any = None) -> BuiltDestination:
     cls = reg.destinations.get(dc.type)
     if cls is None:
         raise ConfigError(f"{where}.type: unknown destination type {dc.type!r} "
                           f"(known: {', '.join(sorted(reg.destinations))})")
-    settings = convert(dc.settings, cls.Settings, root, f"{where} ({dc.name}).settings: ", f"$.{where}.settings")
-    return cls(dc.name, settings, http)
+    settings = to_struct(dc.settings, cls.Settings, root, f"{where} ({dc.name}).settings: ", f"$.{where}.settings")
+    rl, lim = dc.rate_limit, cls.limits
+    throttle = Throttle(rl.requests, rl.per_seconds) if rl else Throttle(lim.rate_requests, lim.rate_period)
+    dest = cls(dc.name, settings, HttpClient(pool, throttle))
+    transforms = [build_transform(reg, t, f"{where}.transforms[{j}]", root) for j, t in enumerate(dc.transforms)]
+    return BuiltDestination(dc, dest, transforms, throttle)
 
 
 class Built(msgspec.Struct):
@@ -122,19 +135,18 @@ class Built(msgspec.Struct):
     pm: Any
     registry: Registry
     source_transforms: list[Transform]
-    destinations: list[tuple[DestinationConfig, Destination, list[Transform]]]
+    destinations: list[BuiltDestination]
+    #: the connection pool every destination's HTTP client uses (closed at shutdown)
+    http: HttpPool
 
 
-def build(cfg: Config, http: aiohttp.ClientSession | None = None) -> Built:
-    """Build plugin objects for a config; raises ConfigError naming the key."""
+def build(cfg: Config) -> Built:
+    """Build plugin objects for a config; raises ConfigError naming the key.
+    Nothing connects anywhere until a destination sends."""
     pm = make_manager(cfg.plugins)
     reg = build_registry(pm)
     root = node_of(cfg)
     src = [build_transform(reg, t, f"transforms[{i}]", root) for i, t in enumerate(cfg.transforms)]
-    dests = []
-    for i, dc in enumerate(cfg.destinations):
-        dest = build_destination(reg, dc, f"destinations[{i}]", http, root)
-        dts = [build_transform(reg, t, f"destinations[{i}].transforms[{j}]", root)
-               for j, t in enumerate(dc.transforms)]
-        dests.append((dc, dest, dts))
-    return Built(pm, reg, src, dests)
+    pool = HttpPool()
+    dests = [build_destination(reg, dc, f"destinations[{i}]", pool, root) for i, dc in enumerate(cfg.destinations)]
+    return Built(pm, reg, src, dests, pool)

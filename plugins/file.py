@@ -12,8 +12,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.destination import DELIVERED, Destination, Limits, Outcome
-from gateway.hookspecs import hookimpl
+from gateway.api import DELIVERED, Destination, HttpClient, Limits, Outcome, hookimpl
 
 _encode = msgspec.json.Encoder().encode
 
@@ -29,7 +28,7 @@ class FileDestination(Destination):
         #: fsync after every batch, so "delivered" means on disk
         fsync: bool = True
 
-    def __init__(self, name: str, settings: Settings, http: Any) -> None:
+    def __init__(self, name: str, settings: Settings, http: HttpClient) -> None:
         super().__init__(name, settings, http)
         self._fd: int | None = None
         self._lock = asyncio.Lock()

@@ -11,9 +11,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import paths
-from gateway.destination import Transform
-from gateway.hookspecs import hookimpl
+from gateway.api import Transform, hookimpl, parent_of, split_path
 
 
 class _Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -30,11 +28,11 @@ class DropFields(Transform):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.parts = [paths.split(p) for p in settings.paths]
+        self.parts = [split_path(p) for p in settings.paths]
 
     def apply(self, call: dict[str, Any]) -> dict[str, Any] | None:
         for parts in self.parts:
-            holder = paths.parent(call, parts)
+            holder = parent_of(call, parts)
             if holder is not None:
                 holder.pop(parts[-1], None)
         return call
@@ -105,7 +103,7 @@ class HashFields(Transform):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.parts = [paths.split(p) for p in settings.paths]
+        self.parts = [split_path(p) for p in settings.paths]
         self.salt = settings.salt.encode()
 
     def digest(self, value: Any) -> str:
@@ -116,7 +114,7 @@ class HashFields(Transform):
 
     def apply(self, call: dict[str, Any]) -> dict[str, Any] | None:
         for parts in self.parts:
-            holder = paths.parent(call, parts)
+            holder = parent_of(call, parts)
             if holder is not None and holder.get(parts[-1]) is not None:
                 holder[parts[-1]] = self.digest(holder[parts[-1]])
         return call
@@ -134,11 +132,11 @@ class SetFields(Transform):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.items = [(paths.split(k), v) for k, v in settings.values.items()]
+        self.items = [(split_path(k), v) for k, v in settings.values.items()]
 
     def apply(self, call: dict[str, Any]) -> dict[str, Any] | None:
         for parts, value in self.items:
-            holder = paths.parent(call, parts, create=True)
+            holder = parent_of(call, parts, create=True)
             assert holder is not None
             if self.settings.overwrite or parts[-1] not in holder:
                 holder[parts[-1]] = msgspec.json.decode(msgspec.json.encode(value)) \

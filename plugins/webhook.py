@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import msgspec
 
-from gateway.destination import Destination, Limits, Outcome, outcome_for_status
-from gateway.hookspecs import hookimpl
+from gateway.api import Destination, HttpClient, Limits, Outcome, basic_auth, hookimpl, outcome_for_status
 
 _encode = msgspec.json.Encoder().encode
 
@@ -39,14 +37,14 @@ class WebhookDestination(Destination):
             if not (self.url or self.endpoint):
                 raise ValueError("url is required")
 
-    def __init__(self, name: str, settings: Settings, http: aiohttp.ClientSession | None) -> None:
+    def __init__(self, name: str, settings: Settings, http: HttpClient) -> None:
         super().__init__(name, settings, http)
         self.url = settings.endpoint or settings.url
         self.headers = {"Content-Type": "application/json", **settings.headers}
         if settings.bearer_token:
             self.headers["Authorization"] = f"Bearer {settings.bearer_token}"
-        self.auth = aiohttp.BasicAuth(settings.basic_auth.username, settings.basic_auth.password) \
-            if settings.basic_auth else None
+        if settings.basic_auth:
+            self.headers["Authorization"] = basic_auth(settings.basic_auth.username, settings.basic_auth.password)
         self.limits = msgspec.structs.replace(
             type(self).limits,
             max_batch_calls=settings.max_batch_calls or type(self).limits.max_batch_calls,
@@ -62,9 +60,8 @@ class WebhookDestination(Destination):
         return b'{"batch":[' + b",".join(payloads) + b"]}"
 
     async def send(self, payloads: list[bytes]) -> list[Outcome]:
-        assert self.http is not None
         async with self.http.request(self.settings.method, self.url, data=self.batch_body(payloads),
-                                     headers=self.headers, auth=self.auth) as resp:
+                                     headers=self.headers) as resp:
             text = await resp.text(errors="replace")
             return [outcome_for_status(resp.status, text, resp.headers)] * len(payloads)
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import config as config_mod
 from gateway.app import create_app
-from gateway.spool.sqlite import stored_calls
+from gateway.spool.sqlite_reads import stored_calls
 
 KEY = "test-write-key"
 OTHER_KEY = "other-write-key"

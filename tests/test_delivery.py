@@ -19,12 +19,12 @@ from delivery_kit import (  # noqa: F401 - fixtures
     PLUGINS_DIR, Fake, body, drop_connection, fake, hang_until, make_fake, metrics, post, post_batch, query,
     sample, sleep_then, status, track, wait_metric, wait_until, webhook,
 )
-from gateway import delivery
-from gateway.spool.sqlite import DeadLetterStore
+from gateway.delivery import sender as delivery_sender
+from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
 
 
 def dead_letters(tmp_path: Path) -> list[Any]:
-    store = DeadLetterStore(tmp_path / "spool")
+    store = SqliteDeadLetters(tmp_path / "spool")
     try:
         return store.list()
     finally:
@@ -242,7 +242,7 @@ async def test_gives_up_only_when_both_count_and_window_are_spent(gateway_client
 
 async def test_paused_keeps_calls_queued(gateway_client: Any, fake: Fake, tmp_path: Path, test_plugins: None,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(delivery, "PAUSE_MIN", 0.3)
+    monkeypatch.setattr(delivery_sender, "PAUSE_MIN", 0.3)
     fake.script = [status(401, "bad token"), status(401, "bad token")]
     fake.default = itemized_answers(fake)
     client = await gateway_client(body([itemized("Items", fake.url)], plugins=["itemized_destination"]))

@@ -1,6 +1,7 @@
-"""docs/plugins.md documents every hook of gateway/hookspecs.py exactly once
-(what it is for, when it is called, what it returns), names no hook that does
-not exist, and its complete example is the sample package the tests install."""
+"""docs/plugins.md documents every hook of the live plugin manager exactly
+once (what it is for, when it is called, what it returns), names no hook that
+does not exist, every hook has a test, and its complete example is the sample
+package the tests install."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.plugins import make_manager
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "plugins.md"
 SAMPLE = ROOT / "tests" / "plugins" / "sample_plugin"
@@ -17,17 +20,25 @@ HEADING = re.compile(r"^### `(\w+)\((.*?)\)`$", re.MULTILINE)
 
 
 def hookspecs() -> dict[str, list[str]]:
-    """Hook name -> argument names, for every function marked ``@hookspec``."""
-    tree = ast.parse((ROOT / "gateway" / "hookspecs.py").read_text())
+    """Hook name -> argument names, read from a live plugin manager (as
+    datasette's tests read ``pm.hook``)."""
+    pm = make_manager()
     out = {}
-    for node in tree.body:
-        if not isinstance(node, ast.FunctionDef):
-            continue
-        for dec in node.decorator_list:
-            target = dec.func if isinstance(dec, ast.Call) else dec
-            if isinstance(target, ast.Name) and target.id == "hookspec":
-                out[node.name] = [a.arg for a in node.args.args]
+    for name in dir(pm.hook):
+        caller = getattr(pm.hook, name)
+        if not name.startswith("_") and getattr(caller, "spec", None) is not None:
+            out[name] = list(caller.spec.argnames)
     return out
+
+
+def hook_tests() -> set[str]:
+    """Names of every ``test_hook_*`` function of the test suite."""
+    names = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_hook_"):
+                names.add(node.name)
+    return names
 
 
 def sections() -> dict[str, list[tuple[str, str]]]:
@@ -60,6 +71,11 @@ def test_every_hook_is_documented_once(hook: str) -> None:
 
 def test_no_section_documents_a_hook_that_does_not_exist() -> None:
     assert set(sections()) <= set(hookspecs())
+
+
+@pytest.mark.parametrize("hook", sorted(hookspecs()))
+def test_every_hook_has_a_test(hook: str) -> None:
+    assert f"test_hook_{hook}" in hook_tests(), f"no test named test_hook_{hook} (tests/test_hooks.py)"
 
 
 def _block(text: str, lang: str, after: str) -> str:

@@ -24,7 +24,8 @@ import pytest
 
 from ingest_kit import AUTH, KEY, gw, post, stored  # noqa: F401 - gw is a fixture
 from gateway.config import Config
-from gateway.ingest import Ingest, Prepared, iso, parse_iso
+from gateway.ingest import Ingest, Prepared
+from gateway.ingest.timestamps import iso, parse_iso_datetime
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=timezone.utc)
 NOW_ISO = "2024-05-06T07:08:09.123Z"
@@ -164,7 +165,7 @@ async def test_skew_over_http(gw: Any, tmp_path: Path) -> None:
         "batch": [{"type": "track", "userId": "u1", "event": "E", "timestamp": "2020-01-01T00:00:07.250Z"}]})
     assert (got, doc) == (200, {})
     [call] = stored(tmp_path)
-    received = parse_iso(call["receivedAt"])
+    received = parse_iso_datetime(call["receivedAt"])
     assert received is not None and abs((received - datetime.now(timezone.utc)).total_seconds()) < 30
     expected = received.timestamp() - 2.75
     assert call["timestamp"] == iso(datetime.fromtimestamp(expected, timezone.utc))

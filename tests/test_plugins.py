@@ -20,10 +20,11 @@ from aiohttp import web
 from delivery_kit import (  # noqa: F401 - fixtures
     PLUGINS_DIR, Fake, body, fake, post_batch, track, wait_until, webhook,
 )
-from gateway import keys
+from gateway import app_state
 from gateway.config import ConfigError
 from gateway.plugins import build_registry, make_manager
-from gateway.spool.sqlite import DeadLetterStore, stored_calls
+from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
+from gateway.spool.sqlite_reads import stored_calls
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = PLUGINS_DIR / "sample_plugin"
@@ -153,7 +154,7 @@ async def test_an_installed_plugin_works_in_a_real_app(sample_installed: Path, g
     # the transform ran before the spool
     stored = b"".join(stored_calls(tmp_path / "spool"))
     assert b"@example" not in stored
-    store = DeadLetterStore(tmp_path / "spool")
+    store = SqliteDeadLetters(tmp_path / "spool")
     try:
         dead = await wait_until(lambda: store.list() if len(store.list()) == 2 else None, what="two dead letters")
     finally:
@@ -187,7 +188,7 @@ async def test_config_plugins_module_and_lifecycle_hooks(test_plugins: None, gat
     client = await gateway_client(body([{**webhook("Items", fake.url), "type": "itemized",
                                          "settings": {"endpoint": fake.url}}], plugins=["itemized_destination"]))
     app = client.server.app
-    assert app[keys.BUILT].registry.provider["destination:itemized"] == "itemized_destination"
+    assert app[app_state.BUILT].registry.provider["destination:itemized"] == "itemized_destination"
     assert mod.LIFECYCLE == [("startup", app)], "startup is awaited once, before calls are taken"
     await client.close()
     assert mod.LIFECYCLE == [("startup", app), ("shutdown", app)]
@@ -222,8 +223,8 @@ async def test_a_misspelled_hook_fails_loudly(test_plugins: None, tmp_path: Path
     ("from gateway.hookspecs import hookimpl\n"
      "@hookimpl\ndef register_destinations():\n    return [object]\n",
      "register_destinations of plugin bad_plugin_mod returned <class 'object'>, which is not a subclass of "
-     "gateway.destination.Destination"),
-    ("from gateway.hookspecs import hookimpl\nfrom gateway.destination import Transform\n"
+     "gateway.api.Destination"),
+    ("from gateway.hookspecs import hookimpl\nfrom gateway.api import Transform\n"
      "class T(Transform):\n    pass\n"
      "@hookimpl\ndef register_transforms():\n    return [T]\n",
      "register_transforms of plugin bad_plugin_mod: T has no type string"),

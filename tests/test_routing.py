@@ -13,7 +13,8 @@ import pytest
 
 from delivery_kit import body, make_fake, metrics, post, sample, track, wait_until, webhook  # noqa: F401
 from gateway.config import DestinationConfig, FilterConfig
-from gateway.delivery import Worker
+from gateway.delivery.planner import Planner
+from gateway.http_client import HttpClient, HttpPool, Throttle
 from gateway.routing import Route, enabled
 from plugins.webhook import WebhookDestination
 
@@ -123,29 +124,30 @@ def test_filters(flt: dict[str, Any], c: dict[str, Any], source: str, refusal: s
     assert route.refuse(c, source) == refusal
 
 
-def _webhook_worker(flt: dict[str, Any]) -> Worker:
+def _webhook_planner(flt: dict[str, Any]) -> Planner:
     dc = msgspec.convert({"name": "Hook", "type": "webhook", "aliases": ["hook-alias"],
                           "settings": {"url": "http://127.0.0.1:9/"}, "filter": flt}, DestinationConfig)
+    http = HttpClient(HttpPool(), Throttle(1e9, 1.0))  # never used: planning sends nothing
     dest = WebhookDestination("Hook", msgspec.convert({"url": "http://127.0.0.1:9/"}, WebhookDestination.Settings),
-                              None)
-    return Worker(None, dc, dest, [])
+                              http)
+    return Planner(dc, dest, [])
 
 
 @pytest.mark.parametrize("integrations, refusal", INTEGRATIONS)
 def test_integrations_on_stored_bytes(integrations: Any, refusal: str | None) -> None:
     """A destination that forwards stored calls routes on the bytes without
     decoding the call: the answer must be the same."""
-    worker = _webhook_worker({})
-    assert worker.passthrough
+    planner = _webhook_planner({})
+    assert planner.passthrough
     data = msgspec.json.encode(call(integrations))
-    plan = worker.plan(data, "web")
+    plan = planner.plan(data, "web")
     assert plan.refused == refusal
     assert (plan.payload == data) is (refusal is None)
 
 
 @pytest.mark.parametrize("flt, c, source, refusal", FILTERS)
 def test_filters_on_stored_bytes(flt: dict[str, Any], c: dict[str, Any], source: str, refusal: str | None) -> None:
-    plan = _webhook_worker(flt).plan(msgspec.json.encode(c), source)
+    plan = _webhook_planner(flt).plan(msgspec.json.encode(c), source)
     assert plan.refused == refusal
 
 

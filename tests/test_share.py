@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.share import Turns
+from gateway.loop_share import IngestShare
 
 
 async def next_turn() -> None:
@@ -17,7 +17,7 @@ async def next_turn() -> None:
 
 
 async def test_under_the_share_nobody_waits() -> None:
-    turns = Turns(budget=0.001)
+    turns = IngestShare(lambda: True, budget=0.001)
     for _ in range(5):
         assert not turns.full()
         turns.spend(0.0001)
@@ -25,7 +25,7 @@ async def test_under_the_share_nobody_waits() -> None:
 
 
 async def test_past_the_share_requests_wait_for_later_turns_in_arrival_order() -> None:
-    turns = Turns(budget=0.001)
+    turns = IngestShare(lambda: True, budget=0.001)
     for _ in range(16):  # requests of 0.5 ms: two fit in a turn
         turns.spend(0.0005)
     assert turns.full()
@@ -52,7 +52,7 @@ async def test_past_the_share_requests_wait_for_later_turns_in_arrival_order() -
 
 
 async def test_a_cancelled_request_gives_its_place_to_the_next() -> None:
-    turns = Turns(budget=0.001)
+    turns = IngestShare(lambda: True, budget=0.001)
     turns.spend(0.002)
     first = asyncio.ensure_future(turns.wait())
     second = asyncio.ensure_future(turns.wait())
@@ -69,7 +69,7 @@ async def test_a_cancelled_request_gives_its_place_to_the_next() -> None:
 async def test_while_delivery_is_not_behind_ingest_takes_the_whole_turn() -> None:
     """A destination that is caught up, down or on hold never slows ingest."""
     behind = False
-    turns = Turns(budget=0.001)
+    turns = IngestShare(lambda: True, budget=0.001)
     turns.contended = lambda: behind
     turns.spend(0.05)  # requests look costly: one a turn while contended
     assert not turns.full()

@@ -16,7 +16,9 @@ import pytest
 
 from gateway.spool import Ack, DeadLetter, Pending, SpoolFull, StorageFailed
 from gateway.spool import store
-from gateway.spool.sqlite import DeadLetterStore, SqliteSpool, stored_calls
+from gateway.spool.sqlite import SqliteSpool
+from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
+from gateway.spool.sqlite_reads import stored_calls
 
 
 @pytest.fixture(params=["sqlite"])
@@ -181,7 +183,7 @@ async def test_dead_letters_list_and_replay(spool: SqliteSpool) -> None:
     now = time.time()
     call = b'{"messageId":"m-1","type":"track"}'
     await spool.ack(Ack("d", dead=[DeadLetter(0, "d", 5, "m-1", "HTTP 400", 400, "bad", 1, now, "web", call)]))
-    letters = DeadLetterStore(spool.dir)
+    letters = SqliteDeadLetters(spool.dir)
     try:
         [x] = letters.list("d")
         assert (x.message_id, x.reason, x.status, x.body, x.data) == ("m-1", "HTTP 400", 400, "bad", call)
@@ -236,7 +238,7 @@ async def test_a_spool_that_cannot_be_opened_says_where(tmp_path: Path) -> None:
 
 async def test_a_read_stops_at_its_byte_bound_but_returns_one_call_at_least(spool: SqliteSpool) -> None:
     """Windows of large calls are bounded by bytes as well as by count (RSS)."""
-    from gateway.spool.sqlite import read_after
+    from gateway.spool.sqlite_reads import read_after
     big = [b"x" * 1000 + b"%d" % i for i in range(10)]
     await spool.append("web", big)
     conn = store.connect(spool.file, readonly=True)

@@ -17,9 +17,9 @@ from delivery_kit import (  # noqa: F401 - fixtures
     body, make_fake, metrics, post, post_batch, sample, spool_file, track, wait_until, webhook,
 )
 from gateway.config import ConfigError, TransformConfig
-from gateway.destination import Transform
+from gateway.api import Transform
 from gateway.plugins import build_registry, build_transform, make_manager
-from gateway.spool.sqlite import stored_calls
+from gateway.spool.sqlite_reads import stored_calls
 
 REGISTRY = build_registry(make_manager())
 

@@ -1,68 +1,35 @@
-"""The durable queue between ingest and delivery.
+"""The durable queue between ingest and delivery: the interface
+(``interface.py``), its records (``records.py``) and the backends.
 
-A backend stores calls in arrival order (``append`` returns only when they are
-on disk), keeps one read position per destination, the calls waiting for a
-retry and the dead letters.  ``tests/test_spool.py`` is the contract every
-backend passes.
+SQLite is the embedded backend (``storage.backend: sqlite``): ``sqlite.py``
+with its writer process (``writer.py``, ``store.py``), its reads
+(``sqlite_reads.py``) and its dead letters (``sqlite_dead_letters.py``).
 """
 
 from __future__ import annotations
 
-import msgspec
+from typing import Callable
+
+from gateway.config import StorageConfig
+from gateway.spool.interface import DeadLetterStore, Spool
+from gateway.spool.records import Ack, DeadLetter, Pending, Record, SpoolFull, StorageFailed
 
 
-class SpoolFull(Exception):
-    """storage.max_bytes is reached: answer 503 with Retry-After."""
+def spool_for(storage: StorageConfig, on_commit: Callable[[float], None] = lambda seconds: None) -> Spool:
+    """The configured backend, not yet opened (``await spool.open()``);
+    ``on_commit`` hears each group commit's duration in seconds."""
+    from gateway.spool.sqlite import SqliteSpool
+
+    return SqliteSpool(storage.path, int(storage.max_bytes), on_commit)
 
 
-class StorageFailed(Exception):
-    """The disk refused a write: answer 503 with Retry-After."""
+def open_dead_letters(storage: StorageConfig) -> DeadLetterStore:
+    """The configured backend's dead letters; FileNotFoundError when nothing
+    was ever stored there."""
+    from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
+
+    return SqliteDeadLetters(storage.path)
 
 
-class Record(msgspec.Struct, frozen=True):
-    """One stored call."""
-
-    seq: int
-    source: str
-    received: float
-    data: bytes
-
-
-class Pending(msgspec.Struct):
-    """A call waiting for another attempt at one destination."""
-
-    seq: int
-    data: bytes
-    source: str
-    attempts: int
-    first_failed: float
-    next_at: float
-    status: int | None = None
-    reason: str = ""
-    body: str = ""
-
-
-class DeadLetter(msgspec.Struct):
-    """A call a destination will not take, with why."""
-
-    id: int
-    destination: str
-    seq: int
-    message_id: str
-    reason: str
-    status: int | None
-    body: str
-    attempts: int
-    at: float
-    source: str
-    data: bytes
-
-
-class Ack(msgspec.Struct):
-    """What one delivery step changed, committed in one transaction."""
-
-    destination: str
-    cursor: int | None = None  # new read position, if it moved
-    retry: list[Pending] = msgspec.field(default_factory=list)  # to (re)schedule
-    done: list[int] = msgspec.field(default_factory=list)  # seqs whose retry entry is finished
-    dead: list[DeadLetter] = msgspec.field(default_factory=list)
+__all__ = ["Ack", "DeadLetter", "DeadLetterStore", "Pending", "Record", "Spool", "SpoolFull", "StorageFailed",
+           "open_dead_letters", "spool_for"]

@@ -26,9 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from gateway.spool import Ack, DeadLetter, Pending, Record, SpoolFull, StorageFailed
 from gateway.spool import writer as w
-from gateway.spool.store import FILE, SPAN, apply_ack, connect, rollback, segments
+from gateway.spool.records import Ack, Pending, Record, SpoolFull, StorageFailed
+from gateway.spool.sqlite_reads import SplitCache, read_after
+from gateway.spool.store import FILE, SPAN, connect, segments
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,6 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 OPEN_TIMEOUT = 30.0  # seconds for a writer to open the spool
 RESTART_AFTER = (0.1, 0.5, 1.0, 5.0)  # seconds before each new try at starting a writer
-FETCH_ROWS = 256  # rows a read fetches at a time at most
-READ_BYTES = 16 << 20  # bytes of calls a delivery read returns at most (besides its count)
-
-
-def _dead_from_row(row: tuple[Any, ...]) -> DeadLetter:
-    return DeadLetter(*row)
-
-
-DeadLetters = list[DeadLetter]  # (DeadLetterStore.list hides the builtin in its class)
-DEAD_COLUMNS = "id, destination, seq, message_id, reason, status, body, attempts, at, source, data"
 
 
 class _Link(asyncio.Protocol):
@@ -84,7 +75,8 @@ class _Link(asyncio.Protocol):
 class SqliteSpool:
     """The spool backend used by default (``storage.backend: sqlite``)."""
 
-    def __init__(self, path: str | Path, max_bytes: int) -> None:
+    def __init__(self, path: str | Path, max_bytes: int,
+                 on_commit: Callable[[float], None] = lambda seconds: None) -> None:
         self.dir = Path(path)
         self.file = self.dir / FILE
         self.max_bytes = max_bytes
@@ -94,7 +86,7 @@ class SqliteSpool:
         self.rows = 0  # calls stored
         self.last_seq = 0
         #: called with each group commit's duration (metrics)
-        self.on_commit: Callable[[float], None] = lambda seconds: None
+        self.on_commit = on_commit
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None  # None while no writer answers
         self._proc: subprocess.Popen[bytes] | None = None
@@ -383,108 +375,3 @@ class SqliteSpool:
 
     async def check_writable(self) -> None:
         await self.submit(w.Check)
-
-
-class SplitCache:
-    """The last few rows read, split into calls: consecutive windows of one
-    destination read the same row, and several destinations read near each other."""
-
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self.rows: dict[int, list[bytes]] = {}
-
-    def split(self, seq: int, data: bytes) -> list[bytes]:
-        parts = self.rows.get(seq)
-        if parts is None:
-            if len(self.rows) >= self.size:
-                del self.rows[next(iter(self.rows))]
-            parts = self.rows[seq] = data.split(b"\n")
-        return parts
-
-
-def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCache | None = None,
-               max_bytes: int = READ_BYTES) -> list[Record]:
-    """Calls after position ``after``, split out of their segments: ``limit``
-    at most, and no more once ``max_bytes`` are read (one call at least)."""
-    row = max(0, after) // SPAN
-    out: list[Record] = []
-    cur = conn.execute("SELECT seq, source, received, data FROM events WHERE seq >= ? ORDER BY seq", (row,))
-    # Rows can be megabytes: fetch only as many as the window needs, judged
-    # by the calls a row held so far (rows of single calls hold a few each).
-    want, rows_seen, calls_seen, size = 2, 0, 0, 0
-    try:
-        while len(out) < limit and size < max_bytes:
-            got = cur.fetchmany(want)
-            if not got:
-                break
-            for seq, source, received, data in got:
-                base = seq * SPAN
-                parts = cache.split(seq, data) if cache is not None else data.split(b"\n")
-                rows_seen += 1
-                calls_seen += len(parts)
-                first = max(0, after + 1 - base)
-                for i in range(first, min(len(parts), first + limit - len(out))):
-                    out.append(Record(base + i, source, received, parts[i]))
-                    size += len(parts[i])
-                    if size >= max_bytes:
-                        break
-                if len(out) >= limit or size >= max_bytes:
-                    break
-            want = min(FETCH_ROWS, (limit - len(out)) * rows_seen // calls_seen + 1)
-    finally:
-        cur.close()
-    return out
-
-
-def stored_calls(path: str | Path) -> list[bytes]:
-    """Every call the spool at ``path`` holds, in order (for tests and tools)."""
-    conn = connect(Path(path) / FILE, readonly=True)
-    try:
-        return [r.data for r in read_after(conn, -1, 1 << 62, max_bytes=1 << 62)]
-    finally:
-        conn.close()
-
-
-class DeadLetterStore:
-    """The dead letters of a spool file, read and replayed by ``gateway dlq``
-    (also while a server runs: SQLite's locking keeps both honest)."""
-
-    def __init__(self, path: str | Path) -> None:
-        file = Path(path) / FILE
-        if not file.exists():
-            raise FileNotFoundError(f"no spool at {file}")
-        self.conn = connect(file)
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def _where(self, destination: str | None, message_id: str | None) -> tuple[str, list[Any]]:
-        clauses, args = [], []
-        if destination:
-            clauses.append("destination = ?")
-            args.append(destination)
-        if message_id:
-            clauses.append("message_id = ?")
-            args.append(message_id)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
-
-    def list(self, destination: str | None = None, message_id: str | None = None) -> DeadLetters:
-        where, args = self._where(destination, message_id)
-        rows = self.conn.execute(f"SELECT {DEAD_COLUMNS} FROM dead_letters{where} ORDER BY id", args).fetchall()
-        return [_dead_from_row(r) for r in rows]
-
-    def replay(self, destination: str | None = None, message_id: str | None = None) -> DeadLetters:
-        """Put dead letters back in their destination's queue, due now."""
-        now = time.time()
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            letters = self.list(destination, message_id)
-            for x in letters:
-                apply_ack(self.conn, Ack(x.destination, retry=[
-                    Pending(x.seq, x.data, x.source, 0, now, now, x.status, f"replayed: {x.reason}", "")]))
-                self.conn.execute("DELETE FROM dead_letters WHERE id = ?", (x.id,))
-            self.conn.execute("COMMIT")
-        except BaseException:
-            rollback(self.conn)
-            raise
-        return letters

@@ -17,7 +17,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from gateway.spool import Ack
+from gateway.spool.records import Ack
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (

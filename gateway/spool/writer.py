@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.spool import Ack
+from gateway.spool.records import Ack
 from gateway.spool.store import Row, apply_ack, connect, cursor_of, insert, purge_step, rollback, totals
 
 HEADER = struct.Struct("<I")

@@ -13,10 +13,9 @@ from typing import Any
 
 import msgspec
 
-from gateway.destination import (
-    DELIVERED, Destination, Failed, Limits, MappingError, Outcome, Paused, Retry, outcome_for_status,
+from gateway.api import (
+    DELIVERED, Destination, Failed, Limits, MappingError, Outcome, Paused, Retry, hookimpl, outcome_for_status,
 )
-from gateway.hookspecs import hookimpl
 
 _encode = msgspec.json.Encoder().encode
 
@@ -44,7 +43,6 @@ class ItemizedDestination(Destination):
         return b'{"items":[' + b",".join(payloads) + b"]}"
 
     async def send(self, payloads: list[bytes]) -> list[Outcome]:
-        assert self.http is not None
         async with self.http.post(self.settings.endpoint, data=self.batch_body(payloads),
                                   headers={"Authorization": f"Bearer {self.settings.token}",
                                            "Content-Type": "application/json"}) as resp:

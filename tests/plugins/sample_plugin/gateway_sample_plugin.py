@@ -16,13 +16,12 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-import aiohttp
 import msgspec
 
-from gateway.destination import (
-    DELIVERED, Destination, Failed, Limits, MappingError, Outcome, Paused, Retry, Transform, outcome_for_status,
+from gateway.api import (
+    DELIVERED, Destination, Failed, HttpClient, Limits, MappingError, Outcome, Paused, Retry, Transform, hookimpl,
+    outcome_for_status,
 )
-from gateway.hookspecs import hookimpl
 
 _encode = msgspec.json.Encoder().encode
 
@@ -57,7 +56,7 @@ class CollectDestination(Destination):
 
     BASE_URLS = {"us": "https://api.collect.example", "eu": "https://eu.api.collect.example"}
 
-    def __init__(self, name: str, settings: Settings, http: aiohttp.ClientSession | None) -> None:
+    def __init__(self, name: str, settings: Settings, http: HttpClient) -> None:
         super().__init__(name, settings, http)
         base = settings.endpoint or self.BASE_URLS[settings.region]
         self.url = base.rstrip("/") + "/v1/items"
@@ -92,7 +91,6 @@ class CollectDestination(Destination):
     async def send(self, payloads: list[bytes]) -> list[Outcome]:
         """One request; one outcome per payload, in order.  Network errors are
         left to the engine (it retries the whole batch)."""
-        assert self.http is not None
         async with self.http.post(self.url, data=self.batch_body(payloads), headers=self.headers) as resp:
             text = await resp.text(errors="replace")
             if resp.status in (401, 403):

@@ -40,15 +40,15 @@ class Pacer:
             self.since = time.perf_counter()
 
 
-class Turns:
-    """Ingest's share of each turn of the loop while ``contended()``.  Past
-    it, requests wait in arrival order; each turn lets go as many as the
-    share held lately.  Costs two clock reads a request otherwise."""
+class IngestShare:
+    """Ingest's share of each turn of the loop while ``contended()`` (a
+    destination that is up is behind: ``Delivery.behind``).  Past it,
+    requests wait in arrival order; each turn lets go as many as the share
+    held lately.  Costs two clock reads a request otherwise."""
 
-    def __init__(self, budget: float = INGEST_SLICE) -> None:
+    def __init__(self, contended: Callable[[], bool], budget: float = INGEST_SLICE) -> None:
         self.budget = budget
-        #: whether delivery needs turns now (Delivery.behind)
-        self.contended: Callable[[], bool] = lambda: True
+        self.contended = contended
         self.used = 0.0  # seconds spent this turn
         self.average = budget / 8  # seconds a request, lately
         self._marked = False

@@ -7,11 +7,13 @@ from typing import Any
 _MISSING = object()
 
 
-def split(path: str) -> tuple[str, ...]:
+def split_path(path: str) -> tuple[str, ...]:
+    """``"context.traits.email"`` -> ``("context", "traits", "email")``."""
     return tuple(path.split("."))
 
 
-def get(obj: dict[str, Any], parts: tuple[str, ...], default: Any = None) -> Any:
+def get_path(obj: dict[str, Any], parts: tuple[str, ...], default: Any = None) -> Any:
+    """The value at ``parts``, or ``default`` where the path does not lead to one."""
     for p in parts:
         if not isinstance(obj, dict):
             return default
@@ -21,7 +23,7 @@ def get(obj: dict[str, Any], parts: tuple[str, ...], default: Any = None) -> Any
     return obj
 
 
-def parent(obj: dict[str, Any], parts: tuple[str, ...], create: bool = False) -> dict[str, Any] | None:
+def parent_of(obj: dict[str, Any], parts: tuple[str, ...], create: bool = False) -> dict[str, Any] | None:
     """The mapping that holds the last part, made on the way when ``create``."""
     for p in parts[:-1]:
         nxt = obj.get(p)

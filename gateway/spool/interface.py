@@ -1,0 +1,76 @@
+"""The spool interface: what ingest, delivery, metrics, the app and the CLI
+may ask of a backend.  ``tests/test_spool_contract.py`` is the suite every
+backend passes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable, Protocol
+
+from gateway.spool.records import Ack, DeadLetter, Pending, Record
+
+
+class Spool(Protocol):
+    """A durable queue of calls in arrival order, with one read position per
+    destination, the calls waiting for a retry, and the dead letters.
+
+    Positions only grow; a call's position is what cursors, retries and dead
+    letters name it by."""
+
+    #: calls held, bytes they take, and the limit that makes ``append`` refuse
+    rows: int
+    bytes: int
+    max_bytes: int
+    #: times the backend lost its storage process and started another
+    restarts: int
+
+    async def open(self) -> None:
+        """Make ready; raises StorageFailed when the storage cannot be opened."""
+
+    async def close(self) -> None:
+        """Store what is pending, then release everything."""
+
+    def subscribe(self) -> asyncio.Event:
+        """An event set whenever new calls are stored."""
+
+    def has_room(self, size: int = 1) -> bool:
+        """Whether ``size`` more bytes of calls would be taken now."""
+
+    async def append(self, source: str, rows: list[bytes]) -> None:
+        """Store calls of one source durably; returns once they are.  Raises
+        SpoolFull or StorageFailed, and then nothing of ``rows`` is promised."""
+
+    async def cursor(self, destination: str) -> int:
+        """The destination's read position; a new destination starts at the end."""
+
+    async def read(self, after: int, limit: int) -> list[Record]:
+        """Up to ``limit`` calls stored after position ``after``, in order."""
+
+    async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
+        """Retries of the destination due at ``now``, soonest first."""
+
+    async def ack(self, ack: Ack) -> None:
+        """Store what one delivery step decided, all of it or nothing."""
+
+    async def stats(self, destination: str) -> tuple[int, int, float | None]:
+        """(calls after the cursor, calls waiting for a retry, receive time of the oldest pending)."""
+
+    async def purge(self, destinations: list[str], retention: float) -> int:
+        """Remove calls every destination has read past and older than
+        ``retention`` seconds; returns how many."""
+
+    async def check_writable(self) -> None:
+        """Raise StorageFailed if the storage cannot take a write now."""
+
+
+class DeadLetterStore(Protocol):
+    """The dead letters, for ``gateway dlq`` (also while a server runs)."""
+
+    def list(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first, filtered by destination and messageId."""
+
+    def replay(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+        """Put dead letters back in their destination's queue, due now; returns them."""
+
+    def close(self) -> None:
+        """Release the store."""
