@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import app_state as state
+from gateway.activity import ActivityFeed
 from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_document
 from gateway.config import Config
 from gateway.delivery import Delivery
@@ -66,6 +67,7 @@ class Handlers:
         self.cors = Cors(self.cfg)
         self.proxies = ProxyTrust(self.cfg.server.trusted_proxies)
         self.share = app[state.INGEST_SHARE]  # ingest's share of the loop, beside delivery
+        self.feed = app[state.ACTIVITY]
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -105,7 +107,7 @@ class Handlers:
     async def _calls(self, request: web.Request, kind: str) -> web.Response:
         counters = self.counters
         headers = request.headers
-        # seeds/pipelines-api-reference.txt: "1" is strict, any other value permissive
+        # docs/pipelines-api.md, "Strict and lax": "1" is strict, any other value lax
         strict = headers.get("X-Strict-Mode", "").strip() == "1"
         ingest = self.ingest
         share = self.share
@@ -127,6 +129,10 @@ class Handlers:
                 strict = src is not None and src.strict
             unread = not request.content.is_eof()  # close rather than drain what is left
             log.info("rejected %s request from %s: %s", request.path, request.remote, r.message)
+            if self.feed.watched:
+                src = ingest.header_source(headers)
+                self.feed.publish("rejected", source=src.name if src else None, reason=r.reason, field=r.field,
+                                  message=r.message, status=e.status, mode="strict" if strict else "lax")
             resp = _json(e.status, _error_body(r)) if strict else web.Response(body=OK, content_type="application/json")
             if unread:
                 resp.force_close()
@@ -141,14 +147,28 @@ class Handlers:
                      request.remote, prepared.rejections[0].message)
         for reason in prepared.dropped:
             counters.bump(counters.dropped, reason)
+        feed = self.feed
+        if feed.watched:
+            mode = "strict" if strict else "lax"
+            for r in prepared.rejections:
+                feed.publish("rejected", source=source.name, reason=r.reason, field=r.field, message=r.message,
+                             index=r.index, mode=mode)
+            for reason in prepared.dropped:
+                feed.publish("dropped", source=source.name, reason=reason)
         try:
             await self.spool.append(source.name, prepared.rows)
         except (SpoolFull, StorageFailed) as e:
             counters.bump(counters.rejected, "overload", len(prepared.rows))
             log.warning("503 for %d call(s): %s", len(prepared.rows), e)
+            if feed.watched:
+                feed.publish("rejected", source=source.name, reason="overload", message=str(e), status=503,
+                             calls=len(prepared.rows))
             return _json(503, {"error": f"the gateway cannot store calls right now: {e}", "reason": "overload"},
                          {"Retry-After": RETRY_AFTER})
         counters.bump(counters.accepted, source.name, len(prepared.rows))
+        if feed.watched:
+            for row in prepared.rows:
+                feed.call_record("accepted", row, source=source.name)
         if strict and prepared.rejections:
             if kind in BATCH_PATHS:
                 n = len(prepared.rejections)
@@ -229,7 +249,8 @@ def create_app(cfg: Config) -> web.Application:
     built = build(cfg)
     counters = Counters()
     spool = spool_for(cfg.storage, counters.commit)
-    delivery = Delivery(spool, built, cfg.storage.retention)
+    feed = ActivityFeed()
+    delivery = Delivery(spool, built, cfg.storage.retention, feed)
     app = web.Application(client_max_size=cfg.server.max_batch_bytes + 1)
     app[state.CONFIG] = cfg
     app[state.BUILT] = built
@@ -237,6 +258,7 @@ def create_app(cfg: Config) -> web.Application:
     app[state.COUNTERS] = counters
     app[state.SPOOL] = spool
     app[state.DELIVERY] = delivery
+    app[state.ACTIVITY] = feed
     app[state.INGEST_SHARE] = IngestShare(contended=delivery.behind)
     app[state.METRICS] = registry_for(counters, spool, delivery.workers)
     setup_routes(app, Handlers(app))

@@ -12,6 +12,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from gateway.activity import ActivityFeed
     from gateway.config import Config
     from gateway.delivery import Delivery
     from gateway.ingest import Ingest
@@ -28,6 +29,7 @@ DELIVERY: web.AppKey["Delivery"] = web.AppKey("delivery")
 COUNTERS: web.AppKey["Counters"] = web.AppKey("counters")
 METRICS: web.AppKey["CollectorRegistry"] = web.AppKey("metrics")
 INGEST_SHARE: web.AppKey["IngestShare"] = web.AppKey("ingest_share")
+ACTIVITY: web.AppKey["ActivityFeed"] = web.AppKey("activity")
 #: the source a request's write key belongs to, for its CORS headers
 #: (web.RequestKey from aiohttp 3.14; a plain string before it)
 SOURCE: Any = web.RequestKey("source", str) if hasattr(web, "RequestKey") else "source"

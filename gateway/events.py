@@ -26,8 +26,8 @@ PATH_TYPES: Final = {
 }
 BATCH_PATHS: Final = frozenset({"batch", "import", "b"})
 
-#: types that need userId or anonymousId (seeds/pipelines-vs-track-api.txt,
-#: "Required fields by request type")
+#: types that need userId or anonymousId (docs/pipelines-api.md,
+#: "Required fields")
 NEEDS_PERSON: Final = frozenset({"identify", "track", "page", "screen", "alias"})
 
 #: keys a client may send that are never stored or passed on

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from gateway.activity import ActivityFeed
 from gateway.delivery.worker import Worker
 from gateway.plugins import Built
 from gateway.spool import Spool
@@ -25,9 +26,9 @@ HOUSEKEEPING_EVERY = 2.0  # seconds between purges of what every destination rea
 class Delivery:
     """All workers of one app, plus the spool's housekeeping."""
 
-    def __init__(self, spool: Spool, built: Built, retention: float) -> None:
+    def __init__(self, spool: Spool, built: Built, retention: float, feed: ActivityFeed) -> None:
         self.spool = spool
-        self.workers = [Worker(spool, b) for b in built.destinations]
+        self.workers = [Worker(spool, b, feed) for b in built.destinations]
         self.retention = retention
         self._purger: asyncio.Task[None] | None = None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+from gateway.activity import ActivityFeed
 from gateway.config import DestinationConfig
 from gateway.delivery.batching import Item
 from gateway.delivery.planner import message_id_of
@@ -22,11 +23,12 @@ log = logging.getLogger("gateway.delivery")
 class Recorder:
     """Turns one destination's outcomes into entries of an Ack, and counts them."""
 
-    def __init__(self, dc: DestinationConfig, sender: Sender, stats: Stats) -> None:
+    def __init__(self, dc: DestinationConfig, sender: Sender, stats: Stats, feed: ActivityFeed) -> None:
         self.name = dc.name
         self.policy = dc.retry
         self.sender = sender
         self.stats = stats
+        self.feed = feed
 
     def record_all(self, results: list[Sent], ack: Ack, cut: int | None = None) -> list[float]:
         """Record every outcome (none at or past ``cut`` but deliveries);
@@ -37,6 +39,9 @@ class Recorder:
             if outcomes.count(DELIVERED) == len(outcomes):  # the common case, without a call per item
                 self.stats.delivered += len(batch)
                 ack.done.extend(it.seq for it in batch if it.pending is not None)
+                if self.feed.watched:
+                    for it in batch:
+                        self.feed.call_record("delivered", it.data, destination=self.name, source=it.source)
                 continue
             # One backoff a batch: its calls come due together and go out together again.
             delay = backoff(self.policy, max((it.pending.attempts if it.pending else 0) for it in batch) + 1)
@@ -55,6 +60,8 @@ class Recorder:
             self.stats.delivered += 1
             if pend is not None:
                 ack.done.append(it.seq)
+            if self.feed.watched:
+                self.feed.call_record("delivered", it.data, destination=self.name, source=it.source)
             return None
         hold_until = self.sender.hold_until
         if isinstance(oc, Deferred):
@@ -69,6 +76,7 @@ class Recorder:
             ack.retry.append(Pending(it.seq, it.data, it.source, pend.attempts if pend else 0,
                                      pend.first_failed if pend else now, hold_until,
                                      oc.status, f"paused: {oc.reason}", oc.body[:BODY_EXCERPT]))
+            self._retried(it, f"paused: {oc.reason}", oc.status, oc.body, hold_until)
             return hold_until
         attempts = (pend.attempts if pend else 0) + 1
         first = pend.first_failed if pend else now
@@ -87,6 +95,7 @@ class Recorder:
             self.stats.retried += 1
             ack.retry.append(Pending(it.seq, it.data, it.source, attempts, first, now + delay,
                                      oc.status, oc.reason, oc.body[:BODY_EXCERPT]))
+            self._retried(it, oc.reason, oc.status, oc.body, now + delay)
             return now + delay
         assert isinstance(oc, Failed)
         if pend is not None:
@@ -107,3 +116,17 @@ class Recorder:
     def count_dead(self, x: DeadLetter) -> None:
         self.stats.count(self.stats.dead, reason_label(x.reason, x.status))
         log.info("%s: dead letter %s: %s", self.name, x.message_id, x.reason)
+        if self.feed.watched:
+            self.feed.call_record("dead_lettered", x.data, destination=self.name, source=x.source,
+                                  reason=x.reason, status=x.status, excerpt=x.body)
+
+    def skipped(self, it: Item | Pending | Record, reason: str) -> None:
+        """A call routed away or dropped by a destination transform."""
+        self.stats.count(self.stats.skipped, reason)
+        if self.feed.watched:
+            self.feed.call_record("skipped", it.data, destination=self.name, source=it.source, reason=reason)
+
+    def _retried(self, it: Item, reason: str, status: int | None, body: str, next_at: float) -> None:
+        if self.feed.watched:
+            self.feed.call_record("retried", it.data, destination=self.name, source=it.source, reason=reason,
+                                  status=status, excerpt=body[:BODY_EXCERPT], next_attempt=next_at)

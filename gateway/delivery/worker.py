@@ -15,6 +15,7 @@ import heapq
 import logging
 import time
 
+from gateway.activity import ActivityFeed
 from gateway.delivery.batching import Batcher, Item
 from gateway.delivery.planner import Planner
 from gateway.delivery.recorder import Recorder
@@ -39,7 +40,7 @@ RETRY_TIMES_MAX = 10_000
 class Worker:
     """Delivers to one destination."""
 
-    def __init__(self, spool: Spool, built: BuiltDestination) -> None:
+    def __init__(self, spool: Spool, built: BuiltDestination, feed: ActivityFeed) -> None:
         self.spool = spool
         self.dc = dc = built.config
         self.name = dc.name
@@ -48,7 +49,7 @@ class Worker:
         self.planner = Planner(dc, built.destination, built.transforms)
         self.batcher = Batcher(dc, built.destination)
         self.sender = Sender(dc, built.destination, built.throttle, self.stats)
-        self.recorder = Recorder(dc, self.sender, self.stats)
+        self.recorder = Recorder(dc, self.sender, self.stats, feed)
         #: (position it reads after, the read) of the next window, read ahead
         self.prefetch: tuple[int, asyncio.Future[list[Record]]] | None = None
         self.ack_pending: asyncio.Future[None] | None = None
@@ -187,7 +188,7 @@ class Worker:
 
     async def _deliver_records(self, records: list[Record]) -> int:
         items: list[Item] = []
-        planned: list[tuple[int, DeadLetter | str]] = []  # dead letters and skips, by position
+        planned: list[tuple[Record, DeadLetter | str]] = []  # dead letters and skip reasons
         now = time.time()
         planner, recorder = self.planner, self.recorder
         as_stored = planner.as_stored  # the common case costs no Plan
@@ -202,22 +203,22 @@ class Worker:
             if p.payload is not None:
                 items.append(Item(r.seq, r.source, r.data, p.payload))
             elif p.error is not None:
-                planned.append((r.seq, recorder.dead(r, p.error, None, "", 0, now, count=False)))
+                planned.append((r, recorder.dead(r, p.error, None, "", 0, now, count=False)))
             else:
-                planned.append((r.seq, p.skip_reason))
+                planned.append((r, p.skip_reason))
         if len(records) >= READ_WINDOW:  # more is waiting: read it while this window is sent
             self.prefetch = (records[-1].seq, asyncio.ensure_future(self.spool.read(records[-1].seq, READ_WINDOW)))
         results = await self.sender.send_all(self.batcher.batches(items))
         cut = self.sender.stalled_at(results)
         ack = Ack(self.name, cursor=records[-1].seq if cut is None else cut - 1)
-        for seq, what in planned:
-            if cut is not None and seq >= cut:
+        for r, what in planned:
+            if cut is not None and r.seq >= cut:
                 continue  # planned again when the worker comes back to it
             if isinstance(what, DeadLetter):
                 recorder.count_dead(what)
                 ack.dead.append(what)
             else:
-                self.stats.count(self.stats.skipped, what)
+                recorder.skipped(r, what)
         wake = recorder.record_all(results, ack, cut)
         await self._ack(ack, wake)
         self.position = ack.cursor if ack.cursor is not None else self.position
@@ -239,7 +240,7 @@ class Worker:
             if p.error is not None:
                 ack.dead.append(self.recorder.dead(pend, p.error, None, "", pend.attempts, now))
             else:
-                self.stats.count(self.stats.skipped, p.skip_reason)
+                self.recorder.skipped(pend, p.skip_reason)
         wake = self.recorder.record_all(await self.sender.send_all(self.batcher.batches(items)), ack)
         await self._ack(ack, wake)
         return len(due)

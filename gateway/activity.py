@@ -1,0 +1,112 @@
+"""What happens to calls, as records for live watchers (the debugger).
+
+Ingest and delivery publish here; nobody pays for it while nobody watches
+(``watched`` is one attribute read).  A watcher has a bounded buffer: when a
+slow reader lets it fill, the oldest records give way and are counted, so a
+watcher never holds memory or the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+
+#: records a watcher holds before the oldest give way
+WATCHER_BUFFER = 2000
+#: bytes of a stored call a record carries at most (the rest is cut, and said so)
+CALL_EXCERPT = 16_384
+FILTER_KEYS = ("source", "destination", "type", "event", "userId")
+
+
+class CallSummary(msgspec.Struct):
+    """The fields of a call a record names; the rest is skipped unparsed."""
+
+    type: Any = None
+    event: Any = None
+    messageId: Any = None
+    userId: Any = None
+    anonymousId: Any = None
+
+
+_summary = msgspec.json.Decoder(CallSummary)
+
+
+def summarize(data: bytes) -> dict[str, Any]:
+    """type, event, messageId and userId of a stored call."""
+    try:
+        s = _summary.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    out = {"type": s.type, "event": s.event, "messageId": s.messageId,
+           "userId": s.userId if s.userId is not None else s.anonymousId}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+class Watcher:
+    """One reader of the feed, with its filters and its bounded buffer."""
+
+    def __init__(self, filters: dict[str, str], size: int = WATCHER_BUFFER) -> None:
+        self.filters = {k: v for k, v in filters.items() if k in FILTER_KEYS and v}
+        self.buffer: deque[dict[str, Any]] = deque(maxlen=size)
+        self.dropped = 0
+        self.ready = asyncio.Event()
+
+    def wants(self, record: dict[str, Any]) -> bool:
+        for key, want in self.filters.items():
+            got = record.get(key)
+            if got is None or str(got) != want:
+                return False
+        return True
+
+    def offer(self, record: dict[str, Any]) -> None:
+        if not self.wants(record):
+            return
+        if len(self.buffer) == self.buffer.maxlen:
+            self.dropped += 1
+        self.buffer.append(record)
+        self.ready.set()
+
+    def take(self) -> list[dict[str, Any]]:
+        out = list(self.buffer)
+        self.buffer.clear()
+        self.ready.clear()
+        return out
+
+
+class ActivityFeed:
+    """The records of one gateway process."""
+
+    def __init__(self) -> None:
+        self.watchers: list[Watcher] = []
+        self.watched = False
+
+    def watch(self, filters: dict[str, str]) -> Watcher:
+        w = Watcher(filters)
+        self.watchers.append(w)
+        self.watched = True
+        return w
+
+    def unwatch(self, w: Watcher) -> None:
+        if w in self.watchers:
+            self.watchers.remove(w)
+        self.watched = bool(self.watchers)
+
+    def publish(self, kind: str, **fields: Any) -> None:
+        """One record; callers check ``watched`` first when building it costs."""
+        record = {"kind": kind, "at": time.time(), **fields}
+        for w in self.watchers:
+            w.offer(record)
+
+    def call_record(self, kind: str, data: bytes, **fields: Any) -> None:
+        """A record about one stored call, with its summary (and, for
+        ``accepted``, the call as stored)."""
+        extra = summarize(data)
+        if kind == "accepted":
+            extra["call"] = data[:CALL_EXCERPT].decode("utf-8", "replace")
+            if len(data) > CALL_EXCERPT:
+                extra["truncated"] = len(data)
+        self.publish(kind, **extra, **fields)
