@@ -1,24 +1,24 @@
 """A strict fake of the Customer.io endpoints the gateway uses, on a real socket.
 
-It answers as the seeds document and refuses what they would refuse, so a
-test that passes here sends what Customer.io accepts:
+It answers as Customer.io's API references describe it (set down in
+docs/customerio-apis.md) and refuses what Customer.io would refuse, so a test
+that passes here sends what Customer.io accepts:
 
-* Track v2 ``POST /api/v2/batch`` (seeds/track-api-reference.txt, "Track v2
-  API" and "v2 API Limits"; the op schemas as customerio-track-v2.md §0.1
-  CIO-TRACK lists them): Basic ``SITE_ID:API_KEY``, a ``{"batch": [...]}``
-  body, every op checked for its type and action, identifiers, integer
-  timestamps, names and sizes.  An invalid op is a per-item error in a 207
-  (the others are accepted, CIO-TRACK ``207``); a body that is not a batch
-  is a 400; a body over 500 KB is a 413 (§5.1).
-* Track v1 ``POST /api/v1/metrics`` (customerio-track-v2.md Appendix B).
-* Pipelines ``POST /v1/batch`` (seeds/pipelines-api-reference.txt, "Batch
-  requests"; seeds/pipelines-vs-track-api.txt, "lax and strict modes"):
+* Track v2 ``POST /api/v2/batch`` (docs/customerio-apis.md §2-§5, with the op
+  schemas of docs/customerio-apis.md §4 BD-4 and BD-5): Basic ``SITE_ID:API_KEY``,
+  a ``{"batch": [...]}`` body, every op checked for its type and action,
+  identifiers, integer timestamps, names and sizes.  An invalid op is a per-item error in a 207
+  (the others are accepted, docs/customerio-apis.md §7.2); a body that is not a
+  batch is a 400; a body over 500 KB is a 413 (docs/customerio-apis.md §7.1).
+* Track v1 ``POST /api/v1/metrics`` (docs/customerio-apis.md §9).
+* Pipelines ``POST /v1/batch`` (docs/customerio-apis.md §4 and §6):
   Basic ``API_KEY:``; with ``X-Strict-Mode: 1`` a bad call or a bad key is a
   400/401 and nothing of the batch is accepted; without it the answer is 200
-  and bad calls vanish, as the seed describes lax mode.
+  and bad calls vanish, as lax mode does.
 
 Where "32kb" and "500kb" could be read as 1000s or 1024s of bytes, the fake
-takes the smaller reading, so a sender that fits here fits either way.
+takes the smaller reading (docs/customerio-apis.md §5 SZ-1), so a sender that
+fits here fits either way.
 
 It records every request (``requests``) and what it accepted (``track_ops``,
 ``metrics``, ``pipelines_calls``), and can be told to misbehave (``fail``,
@@ -38,19 +38,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-import aiohttp
 import pytest
 from aiohttp import web
+
+from gateway.http_client import HttpClient, HttpPool, Throttle
 
 SITE_ID = "fake-site-id"
 TRACK_API_KEY = "fake-track-api-key"
 PIPELINES_API_KEY = "fake-pipelines-api-key"
 
-MAX_OP = 32_000  # "Each of the requests within a batch must also be 32kb or smaller"
-MAX_BATCH = 500_000  # "/batch is limited to requests 500kb or smaller"
-MAX_CALL = 32_000  # Pipelines: "32KB per call in the request"
+# docs/customerio-apis.md §5
+MAX_OP = 32_000  # Track v2: each op of a batch
+MAX_BATCH = 500_000  # Track v2 and Pipelines: a batch request
+MAX_CALL = 32_000  # Pipelines: each call of a batch
 
-# track-api-reference.txt, "Customer limits", "Object and relationship limits", "Track API Event limits"
+# docs/customerio-apis.md §5 SZ-4: people, objects, relationships and events
 MAX_ID = 150
 MAX_ATTR_NAME = 150
 MAX_ATTR_VALUE = 1000
@@ -58,11 +60,12 @@ MAX_ATTRS = 300
 MAX_EVENT_NAME = 100
 MAX_EVENT_DATA = 100_000
 
-ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # CIO-TRACK dedupe_id: "format: ULID"
-STRINGIFIED_INT = re.compile(r"[1-9][0-9]*")  # CIO-PIPE objectTypeId: "stringified integers"
+# docs/customerio-apis.md §4 BD-5
+ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")  # an event id
+STRINGIFIED_INT = re.compile(r"[1-9][0-9]*")  # an object type id
+PERSON_IDS = frozenset({"id", "email", "cio_id", "phone"})  # exactly one of them names a person
 
-PERSON_IDS = frozenset({"id", "email", "cio_id", "phone"})  # "one of id, email, phone, or cio_id"
-# (required keys, optional keys) per action; type and action are always there
+# docs/customerio-apis.md §4 BD-4: (required keys, optional keys) per action; type and action are always there
 PERSON: dict[str, tuple[set[str], set[str]]] = {
     "identify": ({"identifiers"}, {"timestamp", "attributes", "cio_relationships"}),
     "delete": ({"identifiers"}, set()),
@@ -95,7 +98,7 @@ PIPELINES_TYPES = frozenset({"identify", "track", "page", "screen", "group", "al
 
 
 def compact(value: Any) -> bytes:
-    """The size rule's encoding: compact UTF-8 JSON (customerio-track-v2.md §4.1)."""
+    """The size rule's encoding: compact UTF-8 JSON (docs/customerio-track-v2.md §6.1 L-1)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -196,7 +199,7 @@ def validate_track_op(op: Any) -> None:
             _person_identifiers(op["primary"], "primary")
             _person_identifiers(op["secondary"], "secondary")
         else:
-            # anonymous events: customerio-track-v2.md §7 D-1 (what SEG and RS send and Customer.io takes)
+            # anonymous events: docs/customerio-track-v2.md D-1 (what Customer.io takes, §4 BD-5)
             anon = frozenset({"anonymous_id"}) if action in ("event", "page", "screen") else frozenset()
             _person_identifiers(op["identifiers"], "identifiers", anon)
         if action in ("event", "page", "screen"):
@@ -242,7 +245,7 @@ def validate_track_op(op: Any) -> None:
 
 
 def validate_metric(body: Any) -> None:
-    """``POST /api/v1/metrics`` (customerio-track-v2.md Appendix B)."""
+    """``POST /api/v1/metrics`` (docs/customerio-apis.md §9 V1-1)."""
     if not isinstance(body, dict):
         raise Invalid("", "the body must be an object")
     if unknown := set(body) - {"delivery_id", "metric", "timestamp", "recipient", "reason", "href", "metadata"}:
@@ -264,7 +267,7 @@ def _present(v: Any) -> bool:
 
 
 def validate_pipelines_call(call: Any) -> None:
-    """The strict-mode table (pipelines-vs-track-api.txt, "Required fields by request type")."""
+    """The fields strict mode requires (docs/customerio-apis.md §6.2)."""
     if not isinstance(call, dict):
         raise Invalid("", "a call must be an object")
     t = call.get("type")
@@ -531,7 +534,9 @@ async def cio(aiohttp_server: Any) -> AsyncIterator[FakeCustomerIO]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client session, as the engine gives one to every destination."""
-    async with aiohttp.ClientSession() as session:
-        yield session
+async def http() -> AsyncIterator[HttpClient]:
+    """An HTTP client as the engine builds one for every destination, with a
+    rate limit too high to be felt; its pool is closed at the end."""
+    pool = HttpPool()
+    yield HttpClient(pool, Throttle(1e9, 1.0))
+    await pool.close()

@@ -1,6 +1,7 @@
 """The ``customerio_pipelines`` destination against a strict fake of Customer.io's
 Pipelines API (tests/fake_customerio.py), and both Customer.io destinations
-end to end behind the real gateway app.  Seeds are cited by file and line."""
+end to end behind the real gateway app.  What Customer.io's APIs do is cited
+from docs/customerio-apis.md by section (§n) and rule id."""
 
 from __future__ import annotations
 
@@ -11,18 +12,18 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import aiohttp
 import pytest
 
 from fake_customerio import (  # noqa: F401 (fixtures)
     PIPELINES_API_KEY, SITE_ID, TRACK_API_KEY, FakeCustomerIO, cio, http,
 )
-from gateway.config import ConfigError, convert as convert_settings
-from gateway.destination import DELIVERED, Failed, Limits, MappingError, Paused, Retry
+from gateway.api import DELIVERED, Failed, Limits, MappingError, Paused, Retry
+from gateway.config import ConfigError, StorageConfig, to_struct
+from gateway.http_client import HttpClient, HttpPool, Throttle
 from gateway.plugins import build_registry, make_manager
-from gateway.spool.sqlite import DeadLetterStore
-from plugins.customerio_pipelines import CustomerioPipelinesDestination as Pipelines
-from plugins.customerio_track import CustomerioTrackDestination as Track
+from gateway.spool import open_dead_letters
+from plugins.customerio.pipelines import CustomerioPipelinesDestination as Pipelines
+from plugins.customerio.track_v2 import CustomerioTrackDestination as Track
 
 WRITE_KEY = "test-write-key"  # tests/conftest.py's source key
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
@@ -48,10 +49,12 @@ CALLS: list[dict[str, Any]] = [
 ]
 
 
-def make(http: aiohttp.ClientSession | None = None, **settings: Any) -> Pipelines:
-    """A destination as the engine builds it: settings converted from the raw mapping."""
+def make(http: HttpClient | None = None, **settings: Any) -> Pipelines:
+    """A destination as the engine builds it: settings converted from the raw mapping.
+    Without ``http`` (tests that only prepare), its client's pool never connects."""
     return Pipelines("Customer.io Data Pipelines",
-                     convert_settings({"api_key": PIPELINES_API_KEY, **settings}, Pipelines.Settings), http)
+                     to_struct({"api_key": PIPELINES_API_KEY, **settings}, Pipelines.Settings),
+                     http or HttpClient(HttpPool(), Throttle(1e9, 1.0)))
 
 
 def raw(call: dict[str, Any]) -> bytes:
@@ -64,8 +67,8 @@ def raw(call: dict[str, Any]) -> bytes:
 
 @pytest.mark.parametrize("call", CALLS, ids=lambda c: f"{c['type']}-{c['messageId']}")
 def test_prepare_forwards_the_call_unchanged(call: dict[str, Any]) -> None:
-    """DESIGN.md "Customer.io destinations": calls go unchanged, context, integrations,
-    messageId, timestamps and keys the gateway does not know (channel, version) included."""
+    """docs/customerio-apis.md §1: calls go unchanged, context, integrations, messageId,
+    timestamps and keys the gateway does not know (channel, version) included."""
     assert json.loads(make().prepare(json.loads(json.dumps(call)))) == call
 
 
@@ -83,9 +86,9 @@ def test_prepare_drops_keys_that_never_leave_the_gateway() -> None:
     ({"type": "delete", "userId": "u"}, "BAD_TYPE"),
 ])
 def test_prepare_refuses_what_strict_mode_refuses(call: dict[str, Any], code: str) -> None:
-    """seeds/pipelines-vs-track-api.txt lines 480-487 ("Required fields by request type"):
-    a call that lost a required field (a destination transform may remove one) is
-    dead-lettered at once instead of costing a 400 and a bisection."""
+    """docs/customerio-apis.md §6.2 SM-4: a call that lost a field strict mode requires (a
+    destination transform may remove one) is dead-lettered at once instead of costing a
+    400 and a bisection."""
     with pytest.raises(MappingError) as e:
         make().prepare(call)
     assert e.value.code == code
@@ -95,8 +98,8 @@ def test_prepare_refuses_what_strict_mode_refuses(call: dict[str, Any], code: st
 
 
 def test_urls_and_auth() -> None:
-    """seeds/pipelines-api-reference.txt lines 15-17 (US/EU hosts) and 31-33 (the API key
-    is the Basic username, the password is blank); ``endpoint`` overrides (DESIGN.md)."""
+    """docs/customerio-apis.md §2 (US/EU hosts, H-1, H-3: ``endpoint`` overrides) and §3 AU-2
+    (the API key is the Basic username, the password is blank)."""
     assert make().batch_url == "https://cdp.customer.io/v1/batch"
     assert make(region=" EU ").batch_url == "https://cdp-eu.customer.io/v1/batch"
     assert make(endpoint="http://127.0.0.1:9/").batch_url == "http://127.0.0.1:9/v1/batch"
@@ -110,15 +113,15 @@ def test_urls_and_auth() -> None:
     ({"api_key": "k", "region": "apac"}, "region"),
 ])
 def test_settings_errors_name_the_field(settings: dict[str, Any], field: str) -> None:
-    """STYLE.md: the settings Struct forbids unknown fields, so config errors name the field."""
+    """docs/plugins.md: the settings Struct forbids unknown fields, so config errors name the field."""
     with pytest.raises(ConfigError) as e:
-        convert_settings(settings, Pipelines.Settings)
+        to_struct(settings, Pipelines.Settings)
     assert field in str(e.value)
 
 
 def test_limits() -> None:
-    """seeds/pipelines-api-reference.txt lines 39-41 and 626: 500KB a batch, 32KB a call,
-    3000 requests per 3 seconds; the body is ``{"batch":[...]}``."""
+    """500KB a batch, 32KB a call, 3000 requests per 3 seconds (docs/customerio-apis.md §5
+    and §8); the body is ``{"batch":[...]}`` (docs/customerio-apis.md §4 BD-2)."""
     assert Pipelines.limits == Limits(max_batch_calls=100, max_batch_bytes=500_000, max_call_bytes=32_000,
                                       batch_overhead=len(b'{"batch":[]}'), rate_requests=3000.0, rate_period=3.0)
     d = make()
@@ -135,9 +138,9 @@ def test_registered_as_a_builtin_plugin() -> None:
 # -- send, against the fake -----------------------------------------------------------------------
 
 
-async def test_send_posts_the_documented_batch(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """seeds/pipelines-api-reference.txt lines 622-643: POST /v1/batch with ``batch``; Basic
-    ``API_KEY:``; ``X-Strict-Mode: 1`` (lines 108-117) so errors are not a silent 200."""
+async def test_send_posts_the_documented_batch(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §2-§4: POST /v1/batch with ``batch``; Basic ``API_KEY:``;
+    ``X-Strict-Mode: 1`` (docs/customerio-apis.md §6 SM-1) so errors are not a silent 200."""
     d = make(http, endpoint=cio.url)
     assert await d.send([d.prepare(c) for c in CALLS]) == [DELIVERED] * len(CALLS)
     [req] = cio.requests
@@ -148,9 +151,9 @@ async def test_send_posts_the_documented_batch(cio: FakeCustomerIO, http: aiohtt
     assert cio.pipelines_calls == CALLS
 
 
-async def test_lax_mode_would_hide_errors(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """seeds/pipelines-vs-track-api.txt lines 440 and 450-478: without X-Strict-Mode a bad call
-    gets a 200 and vanishes; with it (as the destination sends) it is reported."""
+async def test_lax_mode_would_hide_errors(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §6.1: without X-Strict-Mode a bad call gets a 200 and
+    vanishes; with it (as the destination sends) it is reported."""
     bad = {"batch": [{"type": "track", "userId": "u"}]}
     auth = make().headers["Authorization"]
     async with http.post(cio.url + "/v1/batch", json=bad, headers={"Authorization": auth}) as r:
@@ -161,9 +164,9 @@ async def test_lax_mode_would_hide_errors(cio: FakeCustomerIO, http: aiohttp.Cli
     assert cio.pipelines_calls == []
 
 
-async def test_bad_key_pauses(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """Strict mode answers authentication errors with "401/400 with error details"
-    (seeds/pipelines-vs-track-api.txt line 452): both pause the destination, so the
+async def test_bad_key_pauses(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """Strict mode answers authentication errors with a 401 or a 400
+    (docs/customerio-apis.md §6.1, SM-3): both pause the destination (§7.3), so the
     backlog waits for a new key instead of being dead-lettered."""
     with pytest.raises(Paused) as e:
         await make(http, endpoint=cio.url, api_key="wrong").send([make().prepare(CALLS[0])])
@@ -175,10 +178,10 @@ async def test_bad_key_pauses(cio: FakeCustomerIO, http: aiohttp.ClientSession) 
     assert len(cio.requests) == 2 and cio.pipelines_calls == []
 
 
-async def test_400_is_bisected_to_the_bad_calls(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """Strict mode refuses a batch with a call missing a required field (lines 474-487) and
-    accepts nothing of it; the destination splits the batch to find that call, fails it,
-    and delivers the others in order."""
+async def test_400_is_bisected_to_the_bad_calls(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """Strict mode refuses a batch with a call missing a required field and accepts
+    nothing of it (docs/customerio-apis.md §6 SM-2); the destination splits the batch to
+    find that call, fails it, and delivers the others in order."""
     d = make(http, endpoint=cio.url)
     payloads = [d.prepare(c) for c in CALLS]
     payloads[2] = raw({"type": "group", "userId": "u", "messageId": "no-group-id"})
@@ -191,10 +194,10 @@ async def test_400_is_bisected_to_the_bad_calls(cio: FakeCustomerIO, http: aioht
     assert len(cio.requests) <= 2 * len(CALLS) - 1
 
 
-async def test_oversize_call_fails_alone(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """pipelines-api-reference.txt line 39: 32KB per call; strict mode says so with a 400
-    (pipelines-vs-track-api.txt line 462).  The engine dead-letters such calls before
-    sending (limits.max_call_bytes); this is what happens if one slips through."""
+async def test_oversize_call_fails_alone(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §5: 32KB per call; strict mode says so with a 400 (§6.1).
+    The engine dead-letters such calls before sending (limits.max_call_bytes, SZ-3);
+    this is what happens if one slips through."""
     d = make(http, endpoint=cio.url)
     big = raw({"type": "track", "userId": "u", "event": "Big", "properties": {"v": "x" * 33_000}})
     out = await d.send([d.prepare(CALLS[0]), big])
@@ -202,8 +205,9 @@ async def test_oversize_call_fails_alone(cio: FakeCustomerIO, http: aiohttp.Clie
     assert cio.pipelines_calls == CALLS[:1]
 
 
-async def test_oversize_batch_is_split(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """500KB a batch (line 39): a 400 for the batch's size is resolved by splitting it."""
+async def test_oversize_batch_is_split(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """500KB a batch (docs/customerio-apis.md §5): a 400 for the batch's size is resolved by
+    splitting it."""
     d = make(http, endpoint=cio.url)
     payloads = [d.prepare(c) for c in CALLS]
     cio.max_body["pipelines"] = len(d.batch_body(payloads)) // 2
@@ -213,9 +217,9 @@ async def test_oversize_batch_is_split(cio: FakeCustomerIO, http: aiohttp.Client
 
 @pytest.mark.parametrize("status, headers, retry_after", [(429, {"Retry-After": "3"}, 3.0), (500, {}, None),
                                                           (503, {"Retry-After": "1.5"}, 1.5), (408, {}, None)])
-async def test_throttling_and_server_errors_retry(cio: FakeCustomerIO, http: aiohttp.ClientSession, status: int,
+async def test_throttling_and_server_errors_retry(cio: FakeCustomerIO, http: HttpClient, status: int,
                                                  headers: dict[str, str], retry_after: float | None) -> None:
-    """DESIGN.md "Both honour 429 and Retry-After"; 5xx and 408 are retried by the engine."""
+    """docs/customerio-apis.md §7.1: 429 is retried after Retry-After; 5xx and 408 are retried by the engine."""
     d = make(http, endpoint=cio.url)
     payloads = [d.prepare(c) for c in CALLS[:2]]
     cio.fail("pipelines", status, headers=headers)
@@ -225,9 +229,9 @@ async def test_throttling_and_server_errors_retry(cio: FakeCustomerIO, http: aio
     assert cio.pipelines_calls == CALLS[:2]
 
 
-async def test_item_errors_in_a_success_answer(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
+async def test_item_errors_in_a_success_answer(cio: FakeCustomerIO, http: HttpClient) -> None:
     """An answer that names failed items (batch_index) fails only those, as for Track
-    (customerio-track-v2.md §5.1 line 364); the shared reader handles both APIs."""
+    (docs/customerio-apis.md §7.2); the shared reader handles both APIs."""
     d = make(http, endpoint=cio.url)
     cio.item_errors("pipelines", [{"batch_index": 0, "message": "dropped"}], status=200)
     out = await d.send([d.prepare(c) for c in CALLS[:2]])
@@ -251,10 +255,10 @@ def both_destinations(cio: FakeCustomerIO) -> str:
 
 
 async def test_e2e_both_destinations(gateway_client: Callable[..., Any], cio: FakeCustomerIO) -> None:
-    """DESIGN.md "The path of an event": one batch posted to the gateway reaches Customer.io
-    twice, independently: Pipelines gets each call as sent plus the gateway's enrichment
+    """One batch posted to the gateway reaches Customer.io twice, independently
+    (docs/customerio-apis.md §1): Pipelines gets each call as sent plus the gateway's enrichment
     (messageId kept, receivedAt, context.ip, originalTimestamp), Track gets the mapped op
-    (customerio-track-v2.md §2).  The integrations object routes per destination."""
+    (docs/customerio-track-v2.md §4).  The integrations object routes per destination."""
     client = await gateway_client(both_destinations(cio))
     sent: list[dict[str, Any]] = [
         {"type": "identify", "userId": "user-42", "messageId": "m-1", "timestamp": "2024-03-20T15:34:00Z",
@@ -284,8 +288,9 @@ async def test_e2e_both_destinations(gateway_client: Callable[..., Any], cio: Fa
 
 async def test_e2e_one_destination_down_does_not_hold_the_other(gateway_client: Callable[..., Any],
                                                                cio: FakeCustomerIO, tmp_path: Path) -> None:
-    """DESIGN.md: "A destination that is slow or down never holds back the others": with a
-    bad Track key (401 → paused, nothing dead-lettered) Pipelines still delivers."""
+    """A destination that is down never holds back the other (docs/customerio-apis.md §1):
+    with a bad Track key (401 → paused, docs/customerio-apis.md §7.3; nothing
+    dead-lettered) Pipelines still delivers."""
     client = await gateway_client(both_destinations(cio).replace(f"api_key: {TRACK_API_KEY}", "api_key: revoked"))
     call = {"type": "track", "userId": "u", "event": "E", "messageId": "m-1"}
     r = await client.post("/v1/track", json=call, headers={"Authorization": f"Bearer {WRITE_KEY}"})
@@ -293,7 +298,7 @@ async def test_e2e_one_destination_down_does_not_hold_the_other(gateway_client: 
     await cio.wait_for(lambda: len(cio.pipelines_calls) == 1 and any(r.status == 401 for r in cio.track_requests))
     assert cio.pipelines_calls[0]["messageId"] == "m-1" and cio.track_ops == []
     await asyncio.sleep(0.2)
-    store = DeadLetterStore(tmp_path / "spool")
+    store = open_dead_letters(StorageConfig(path=str(tmp_path / "spool")))
     try:
         assert store.list() == []
     finally:
@@ -312,7 +317,8 @@ def test_docs_example_config_builds() -> None:
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     env = {"CIO_SITE_ID": "site", "CIO_TRACK_API_KEY": "track-key", "CIO_PIPELINES_API_KEY": "cdp-key"}
     cfg = config_mod.loads(example, env=env)
-    [(_, track, _), (_, pipelines, _)] = build(cfg).destinations
+    [track_built, pipelines_built] = build(cfg).destinations
+    track, pipelines = track_built.destination, pipelines_built.destination
     assert isinstance(track, Track) and isinstance(pipelines, Pipelines)
     assert track.batch_url == "https://track.customer.io/api/v2/batch"
     assert track.headers["Authorization"] == "Basic " + base64.b64encode(b"site:track-key").decode()

@@ -1,6 +1,6 @@
-"""The ``customerio_track`` destination: the mapping of customerio-track-v2.md
-(cited as §n with the line numbers of that file), and sending to a strict fake
-of Customer.io (tests/fake_customerio.py) over a real socket."""
+"""The ``customerio_track`` destination: the mapping of docs/customerio-track-v2.md (cited as §n
+and by rule id), and sending to a strict fake of Customer.io (tests/fake_customerio.py)
+over a real socket, its answers read as docs/customerio-apis.md says."""
 
 from __future__ import annotations
 
@@ -18,22 +18,25 @@ import pytest
 from fake_customerio import (  # noqa: F401 (fixtures)
     SITE_ID, TRACK_API_KEY, FakeCustomerIO, Invalid, cio, http, validate_track_op,
 )
-from gateway.config import ConfigError, convert as convert_settings
-from gateway.destination import DELIVERED, Failed, Limits, MappingError, Paused, Retry
+from gateway.api import DELIVERED, Failed, Limits, MappingError, Paused, Retry
+from gateway.config import ConfigError, StorageConfig, to_struct
+from gateway.http_client import HttpClient, HttpPool, Throttle
 from gateway.plugins import build_registry, make_manager
-from gateway.spool.sqlite import DeadLetterStore
-from plugins.customerio_track import CustomerioTrackDestination as Track
-from plugins.customerio_track import convert, derive_ulid, parse_iso, to_unix
+from gateway.spool import open_dead_letters
+from plugins.customerio.timestamps import convert_timestamps, parse_iso_unix, to_unix
+from plugins.customerio.track_fields import derive_ulid
+from plugins.customerio.track_v2 import CustomerioTrackDestination as Track
 
 DATA = json.loads((Path(__file__).parent / "data" / "customerio_track_v2_examples.json").read_text("utf-8"))
 EXAMPLES = {e["name"]: e for e in DATA["examples"]}
 WRITE_KEY = "test-write-key"  # tests/conftest.py's source key
 
 
-def make(http: aiohttp.ClientSession | None = None, **settings: Any) -> Track:
-    """A destination as the engine builds it: settings converted from the raw mapping."""
+def make(http: HttpClient | None = None, **settings: Any) -> Track:
+    """A destination as the engine builds it: settings converted from the raw mapping.
+    Without ``http`` (tests that only prepare), its client's pool never connects."""
     raw = {"site_id": SITE_ID, "api_key": TRACK_API_KEY, **settings}
-    return Track("Customer.io", convert_settings(raw, Track.Settings), http)
+    return Track("Customer.io", to_struct(raw, Track.Settings), http or HttpClient(HttpPool(), Throttle(1e9, 1.0)))
 
 
 def op_of(call: dict[str, Any], **settings: Any) -> dict[str, Any]:
@@ -46,22 +49,22 @@ def code_of(call: dict[str, Any], **settings: Any) -> str:
     return e.value.code
 
 
-# -- §6: every worked example and edge fixture ----------------------------------------
+# -- docs/customerio-track-v2.md §10: every worked example and edge fixture ---------------------
 
 
 @pytest.mark.parametrize("example", DATA["examples"], ids=lambda e: e["name"])
 def test_worked_example(example: dict[str, Any]) -> None:
-    """customerio-track-v2.md §6 Examples 1-20 (lines 401-1190), default settings:
-    the op equals the expected JSON value, or the error has the expected code."""
+    """docs/customerio-track-v2.md §10, Examples 1-20, default settings: the op equals the
+    expected JSON value, or the error has the expected code."""
     if "error" in example:
         assert code_of(example["input"]) == example["error"]
     else:
         assert op_of(example["input"]) == example["expected"]
 
 
-@pytest.mark.parametrize("fixture", DATA["edge_fixtures"], ids=lambda e: f"line {e['line']}")
+@pytest.mark.parametrize("fixture", DATA["edge_fixtures"], ids=lambda e: e["name"])
 def test_edge_fixture(fixture: dict[str, Any]) -> None:
-    """§6 "Additional edge fixtures" (lines 1192-1215), one table row each."""
+    """docs/customerio-track-v2.md §10, Edge 1-20, one case each."""
     if "error" in fixture:
         assert code_of(fixture["input"]) == fixture["error"]
     else:
@@ -69,14 +72,15 @@ def test_edge_fixture(fixture: dict[str, Any]) -> None:
 
 
 def test_example_error_message_is_informative() -> None:
-    """Example 5 (line 592): the message names what is missing; tests rely on the code only (§0.2 line 30)."""
+    """Example 5: the message names what is missing; tests rely on the code only
+    (docs/customerio-track-v2.md §1.5 C-6)."""
     with pytest.raises(MappingError) as e:
         make().prepare(EXAMPLES["Example 5"]["input"])
     assert e.value.code == "MISSING_IDENTIFIER" and "anonymousId" in e.value.message
 
 
 def test_prepare_is_compact_msgspec_json() -> None:
-    """§4.1 (line 331): op size is measured on compact UTF-8 JSON, which is what is sent."""
+    """docs/customerio-track-v2.md §6.1 L-1: op size is measured on compact UTF-8 JSON, which is what is sent."""
     data = make().prepare(EXAMPLES["Example 1"]["input"])
     assert data == json.dumps(json.loads(data), separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -89,7 +93,7 @@ def test_prepare_does_not_change_the_call() -> None:
     assert json.dumps(call) == before
 
 
-# -- §1 identifiers ----------------------------------------------------------------------
+# -- docs/customerio-track-v2.md §2 identifiers ---------------------------------------------------
 
 
 @pytest.mark.parametrize("user_id, identifiers", [
@@ -104,32 +108,33 @@ def test_prepare_does_not_change_the_call() -> None:
     ("CIO_a3000001", {"id": "CIO_a3000001"}),
     ("cio_", {"id": "cio_"}),
     ("cio_jane@example.com", {"cio_id": "jane@example.com"}),
-    ("jane@example.com\n", {"id": "jane@example.com\n"}),  # §1.1 line 60: fullmatch, not $ with match
+    ("jane@example.com\n", {"id": "jane@example.com\n"}),  # docs/customerio-track-v2.md §2.1: the whole string
     ("jane@exampl\u212ae.com", {"id": "jane@exampl\u212ae.com"}),  # AJV's [a-z]/i is ASCII only
-    (" ", {"id": " "}),  # §0.2 line 23: whitespace-only userId counts as present
+    (" ", {"id": " "}),  # docs/customerio-track-v2.md §1.1 C-2: a blank id is present
 ])
 def test_person_ref(user_id: Any, identifiers: dict[str, str]) -> None:
-    """§1.1 table (lines 65-75) and §0.2 str(x) (line 24), through an identify."""
+    """docs/customerio-track-v2.md §2.1 (ID-1 to ID-4) and §1.2 C-3, through an identify."""
     assert op_of({"type": "identify", "userId": user_id})["identifiers"] == identifiers
 
 
 def test_email_detection_can_be_switched_off() -> None:
-    """§0.2 line 39 ``detect_email_user_ids``; §7 D-4: id-only workspaces."""
+    """docs/customerio-track-v2.md §1.6 ``detect_email_user_ids`` and D-4: id-only workspaces."""
     assert op_of({"type": "identify", "userId": "jane@example.com"},
                  detect_email_user_ids=False)["identifiers"] == {"id": "jane@example.com"}
 
 
 @pytest.mark.parametrize("bad", [True, {"id": 1}, ["u"]])
 def test_non_scalar_identifiers_are_invalid(bad: Any) -> None:
-    """§0.2 line 24: booleans, objects and arrays used as identifiers → INVALID_IDENTIFIER."""
+    """docs/customerio-track-v2.md §1.2 C-3: booleans, objects and arrays used as identifiers
+    → INVALID_IDENTIFIER."""
     assert code_of({"type": "identify", "userId": bad}) == "INVALID_IDENTIFIER"
     assert code_of({"type": "alias", "userId": "u", "previousId": bad}) == "INVALID_IDENTIFIER"
     assert code_of({"type": "group", "groupId": bad}) == "INVALID_IDENTIFIER"
 
 
 def test_identify_falls_back_to_context_traits_email() -> None:
-    """§1.2 line 81: userId, then traits.email, then context.traits.email; a
-    whitespace-only traits.email is absent (§0.2 line 23)."""
+    """docs/customerio-track-v2.md §2.2: userId, then traits.email, then context.traits.email;
+    a whitespace-only traits.email is absent (docs/customerio-track-v2.md §1.1 C-2)."""
     call = {"type": "identify", "anonymousId": "a", "traits": {"email": "  "},
             "context": {"traits": {"email": "ctx@example.com"}}}
     op = op_of(call)
@@ -138,7 +143,7 @@ def test_identify_falls_back_to_context_traits_email() -> None:
 
 
 def test_track_identifier_order() -> None:
-    """§1.2 line 82 and §7 D-25: userId, then anonymousId, then context.traits.email."""
+    """docs/customerio-track-v2.md §2.2 and D-4: userId, then anonymousId, then context.traits.email."""
     ctx = {"traits": {"email": "e@x.io"}}
     base = {"type": "track", "event": "E", "context": ctx}
     assert op_of({**base, "userId": "u", "anonymousId": "a"})["identifiers"] == {"id": "u"}
@@ -148,8 +153,8 @@ def test_track_identifier_order() -> None:
 
 
 def test_anonymous_id_attribute() -> None:
-    """§1.3 (lines 89-93): anonymousId overwrites the same key in properties, is
-    not added when it is the identifier, and never reaches object ops."""
+    """docs/customerio-track-v2.md §2.3 (ID-5, ID-6): anonymousId overwrites the same key in
+    properties, is not added when it is the identifier, and never reaches object ops."""
     op = op_of({"type": "track", "event": "E", "userId": "u", "anonymousId": "real",
                 "properties": {"anonymous_id": "stale"}})
     assert op["attributes"] == {"anonymous_id": "real"}
@@ -158,17 +163,17 @@ def test_anonymous_id_attribute() -> None:
     assert group["attributes"] == {"name": "G"}
 
 
-# -- §2 routing and fields ----------------------------------------------------------------
+# -- docs/customerio-track-v2.md §3 routing and §4 the ops ---------------------------------------
 
 
 def test_semantic_names_match_exactly() -> None:
-    """§2.1 line 101: event names match case-sensitively; anything else is a generic event (R2)."""
+    """docs/customerio-track-v2.md §3: event names match case-sensitively; anything else is a generic event (R2)."""
     op = op_of({"type": "track", "event": "user deleted", "userId": "u"})
     assert (op["type"], op["action"], op["name"]) == ("person", "event", "user deleted")
 
 
 def test_page_name_falls_back_to_name_and_has_no_length_limit() -> None:
-    """§2.4 (lines 150-155) and §7 D-20: properties.url first, then name; no 100-byte cap."""
+    """docs/customerio-track-v2.md §4.3 and D-17: properties.url first, then name; no 100-byte cap."""
     long_url = "https://example.com/" + "p" * 200
     assert op_of({"type": "page", "userId": "u", "name": "Home"})["name"] == "Home"
     assert op_of({"type": "page", "userId": "u", "name": "Home", "properties": {"url": long_url}})["name"] == long_url
@@ -176,20 +181,20 @@ def test_page_name_falls_back_to_name_and_has_no_length_limit() -> None:
 
 
 def test_screen_name_falls_back_to_properties_name() -> None:
-    """§2.5 line 162: top-level name, otherwise properties.name; the raw name (§7 D-7)."""
+    """docs/customerio-track-v2.md §4.4: top-level name, otherwise properties.name; the raw name (D-7)."""
     assert op_of({"type": "screen", "userId": "u", "properties": {"name": "Feed"}})["name"] == "Feed"
     assert op_of({"type": "screen", "userId": "u", "name": "Home", "properties": {"name": "Feed"}})["name"] == "Home"
 
 
 def test_missing_event_name_comes_before_identifiers() -> None:
-    """§2.1: a track call is routed by its event name first (edge fixture line 1202
-    has no identifier either); a blank name is absent (§0.2 line 23)."""
+    """docs/customerio-track-v2.md §3: a track call is routed by its event name first (Edge 7 has
+    no identifier either); a blank name is absent (docs/customerio-track-v2.md §1.1 C-2)."""
     assert code_of({"type": "track", "event": "   ", "userId": "u"}) == "MISSING_EVENT_NAME"
     assert code_of({"type": "track", "event": 42, "userId": "u"}) == "MISSING_EVENT_NAME"
 
 
 def test_identify_keeps_objectid_and_drops_reserved_traits() -> None:
-    """§2.2 line 131: createdAt/created_at move to created_at, object type ids and
+    """docs/customerio-track-v2.md §4.1: createdAt/created_at move to created_at, object type ids and
     relationshipAttributes are removed, objectId and other keys stay."""
     op = op_of({"type": "identify", "userId": "u", "traits": {
         "createdAt": 1700000000, "object_type_id": "3", "objectTypeId": 2, "objectId": 7,
@@ -199,7 +204,7 @@ def test_identify_keeps_objectid_and_drops_reserved_traits() -> None:
 
 
 def test_identify_relationship_type_id_is_validated() -> None:
-    """§2.2 line 134: identifiers, then object_type_id format (§2.6), then limits."""
+    """docs/customerio-track-v2.md §4.1: identifiers, then the object_type_id format (§4.5), then limits."""
     assert code_of({"type": "identify", "userId": "u", "traits": {"objectId": "o", "objectTypeId": "x"}}) \
         == "INVALID_OBJECT_TYPE_ID"
     assert code_of({"type": "identify", "traits": {"objectId": "o", "objectTypeId": "x"}}) == "MISSING_IDENTIFIER"
@@ -212,29 +217,30 @@ def test_identify_relationship_type_id_is_validated() -> None:
     ({}, {"objectTypeId": 4}, "4"),
 ])
 def test_group_object_type_id_sources(traits: dict[str, Any], call_extra: dict[str, Any], type_id: str) -> None:
-    """§2.6 line 171 and §7 D-10: traits.object_type_id, traits.objectTypeId, root objectTypeId, default "1"."""
+    """docs/customerio-track-v2.md §4.5 and D-10: traits.object_type_id, traits.objectTypeId, root
+    objectTypeId, default "1"."""
     op = op_of({"type": "group", "groupId": "g", "traits": traits, **call_extra})
     assert op["identifiers"] == {"object_type_id": type_id, "object_id": "g"}
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", 2.5, True, "02", " 2", "companies"])
 def test_group_object_type_id_must_be_a_positive_integer(bad: Any) -> None:
-    """§2.6 line 171: ``^[1-9]\\d*$`` or INVALID_OBJECT_TYPE_ID."""
+    """docs/customerio-track-v2.md §4.5: ``[1-9][0-9]*`` or INVALID_OBJECT_TYPE_ID."""
     assert code_of({"type": "group", "groupId": "g", "traits": {"objectTypeId": bad}}) == "INVALID_OBJECT_TYPE_ID"
 
 
 def test_group_without_a_person_has_no_relationship() -> None:
-    """§1.2 line 85 and §2.6 line 172: no userId and no anonymousId → object identify without cio_relationships."""
+    """docs/customerio-track-v2.md §2.2 and §4.5: no userId and no anonymousId → object identify
+    without cio_relationships."""
     assert op_of({"type": "group", "groupId": 42, "traits": {"plan": "pro"}}) == {
         "type": "object", "action": "identify", "identifiers": {"object_type_id": "1", "object_id": "42"},
         "attributes": {"plan": "pro"}}
 
 
-def test_group_reads_the_seeds_relationship_traits() -> None:
-    """seeds/pipelines-vs-track-api.txt lines 309-326 document ``traits.relationship_traits``
-    as the Pipelines group's relationship object, and the seed wins (DESIGN.md): it
-    becomes relationship_attributes, not an object attribute.  relationshipAttributes
-    (§2.6 line 174) is preferred when both are there."""
+def test_group_reads_relationship_traits() -> None:
+    """docs/customerio-track-v2.md §4.5 and D-12: Customer.io's Pipelines docs show ``traits.relationship_traits``
+    as the group call's relationship object, so it becomes relationship_attributes, not an
+    object attribute.  relationshipAttributes is preferred when both are there."""
     call: dict[str, Any] = {"userId": "user123", "groupId": "group123", "type": "group", "traits": {
         "object_type_id": "1", "account_name": "Acme", "account_type": "enterprise",
         "relationship_traits": {"is_admin": True, "position": "account manager"}}}
@@ -248,7 +254,7 @@ def test_group_reads_the_seeds_relationship_traits() -> None:
 
 
 def test_merge_needs_both_sides() -> None:
-    """§2.7 line 179: MISSING_MERGE_IDENTIFIER if either side is absent; no identifiers key."""
+    """docs/customerio-track-v2.md §4.6: MISSING_MERGE_IDENTIFIER if either side is absent; no identifiers key."""
     assert code_of({"type": "alias", "previousId": "p"}) == "MISSING_MERGE_IDENTIFIER"
     assert code_of({"type": "alias", "userId": "u", "previousId": ""}) == "MISSING_MERGE_IDENTIFIER"
     assert op_of({"type": "alias", "userId": "u", "previousId": "anon-1"}) == {
@@ -256,8 +262,8 @@ def test_merge_needs_both_sides() -> None:
 
 
 def test_device_from_properties_and_platform_errors() -> None:
-    """§2.8 lines 192-209 and §7 D-15: the token may come from properties.device;
-    device attributes leave out ``device`` and are not timestamp-converted (D-16);
+    """docs/customerio-track-v2.md §4.7 and D-13: the token may come from properties.device;
+    device attributes leave out ``device`` and are not timestamp-converted (D-15);
     errors come in the order MISSING_IDENTIFIER, MISSING_DEVICE_TOKEN, INVALID_DEVICE_PLATFORM."""
     call = {"type": "track", "event": "Device Created or Updated", "userId": "u",
             "timestamp": "2024-03-20T15:00:00Z",
@@ -272,7 +278,7 @@ def test_device_from_properties_and_platform_errors() -> None:
 
 
 def test_application_events_degrade_to_generic_events() -> None:
-    """R8 (line 112), §2.8 line 213 and §7 D-17: without userId, token or a valid platform
+    """R8 (docs/customerio-track-v2.md §4.7) and D-14: without userId, token or a valid platform
     Application Installed/Opened are ordinary events, so nothing is lost."""
     for props_ctx in ({"context": {"device": {"token": "t", "type": "Windows"}}},
                       {"context": {"device": {"type": "ios"}}},
@@ -282,7 +288,7 @@ def test_application_events_degrade_to_generic_events() -> None:
 
 
 def test_delete_device_and_uninstall() -> None:
-    """R9/R10 and §2.8 line 211: delete_device needs userId, then a token."""
+    """R9/R10 (docs/customerio-track-v2.md §4.7): delete_device needs userId, then a token."""
     call = {"type": "track", "event": "Application Uninstalled", "userId": "u",
             "context": {"device": {"token": "t"}}, "properties": {"x": 1}, "timestamp": "2024-01-01"}
     assert op_of(call) == {"type": "person", "action": "delete_device", "identifiers": {"id": "u"},
@@ -293,7 +299,8 @@ def test_delete_device_and_uninstall() -> None:
 @pytest.mark.parametrize("event, action", [("User Deleted", "delete"), ("User Suppressed", "suppress"),
                                            ("User Unsuppressed", "unsuppress")])
 def test_person_semantic_ops_need_user_id(event: str, action: str) -> None:
-    """§2.9 lines 219-226: userId only (CIO-PIPE marks it required); no timestamp, attributes or id."""
+    """docs/customerio-track-v2.md §4.8: userId only (Customer.io's schemas require it); no timestamp,
+    attributes or id."""
     call = {"type": "track", "event": event, "userId": "u", "anonymousId": "a", "messageId": "m",
             "timestamp": "2024-01-01", "properties": {"p": 1}}
     assert op_of(call) == {"type": "person", "action": action, "identifiers": {"id": "u"}}
@@ -301,13 +308,13 @@ def test_person_semantic_ops_need_user_id(event: str, action: str) -> None:
 
 
 def test_relationship_deleted_checks_the_object_first() -> None:
-    """§2.9 line 222: MISSING_OBJECT_ID before MISSING_IDENTIFIER."""
+    """docs/customerio-track-v2.md §4.8 R14: MISSING_OBJECT_ID before MISSING_IDENTIFIER."""
     assert code_of({"type": "track", "event": "Relationship Deleted", "anonymousId": "a",
                     "properties": {}}) == "MISSING_OBJECT_ID"
 
 
 def test_delivery_event_fields() -> None:
-    """§2.9 line 224: deliveryId and metric, then a v2 metric, then a token
+    """docs/customerio-track-v2.md §4.9 R16: deliveryId and metric, then a v2 metric, then a token
     (properties.recipient, else context.device.token); no timestamp."""
     base = {"type": "track", "event": "Report Delivery Event", "timestamp": "2024-01-01"}
     op = op_of({**base, "properties": {"deliveryId": 7, "metric": "delivered"},
@@ -319,7 +326,7 @@ def test_delivery_event_fields() -> None:
 
 
 def test_delivery_v1_fallback_body() -> None:
-    """Appendix B (lines 1255-1269), edge fixture line 1200 with ``delivery_v1_fallback``."""
+    """docs/customerio-track-v2.md §8, and Edge 5 with ``delivery_v1_fallback``."""
     call = {"type": "track", "event": "Report Delivery Event", "timestamp": "2024-03-20T15:00:00Z",
             "properties": {"deliveryId": "d", "metric": "clicked", "href": "https://x.io", "actionName": "buy"}}
     assert op_of(call, delivery_v1_fallback=True) == {
@@ -333,12 +340,12 @@ def test_delivery_v1_fallback_body() -> None:
                    delivery_v1_fallback=True) == "UNSUPPORTED_IN_TRACK_V2"
 
 
-# -- §2.10 event id --------------------------------------------------------------------------
+# -- docs/customerio-track-v2.md §4.10 event ids -----------------------------------------------
 
 
 def test_event_id_modes() -> None:
-    """§2.10 (lines 230-245): a ULID messageId is upper-cased; "message_id" sends it raw (SEG);
-    "none" sends nothing (RS)."""
+    """docs/customerio-track-v2.md §4.10 (E-2, E-3): a ULID messageId is upper-cased; "message_id" sends
+    it raw (as Segment's destination does); "none" sends nothing (as RudderStack's)."""
     call = {"type": "track", "event": "E", "userId": "u", "messageId": "01hs6q3z8x4m2n7p9r5t1v3w6y"}
     assert op_of(call)["id"] == "01HS6Q3Z8X4M2N7P9R5T1V3W6Y"
     assert op_of({**call, "messageId": "m-1"}, event_id_mode="message_id")["id"] == "m-1"
@@ -346,8 +353,8 @@ def test_event_id_modes() -> None:
 
 
 def test_derived_ulid_check_value_and_time_rules() -> None:
-    """§2.10 line 243 check value; time_ms falls back to originalTimestamp and is 0
-    when absent, unparseable or negative (line 239)."""
+    """docs/customerio-track-v2.md §4.10 E-4: the check value; the time falls back to originalTimestamp
+    and is 0 when absent, unparseable or negative."""
     assert derive_ulid("6f5f436d-8534-4070-8023-d18f8b78ed39", 1710949020250) == "01HSE84CJTJKSF4BG1Y9JCQ5JJ"
     call = {"type": "track", "event": "E", "userId": "u", "messageId": "6f5f436d-8534-4070-8023-d18f8b78ed39"}
     assert op_of({**call, "originalTimestamp": "2024-03-20T15:37:00.250Z"})["id"] == "01HSE84CJTJKSF4BG1Y9JCQ5JJ"
@@ -359,7 +366,7 @@ def test_derived_ulid_check_value_and_time_rules() -> None:
     assert op_of({**call, "timestamp": "1710949020.2509"})["id"] == "01HSE84CJTJKSF4BG1Y9JCQ5JJ"
 
 
-# -- §3 timestamps ------------------------------------------------------------------------------
+# -- docs/customerio-track-v2.md §5 timestamps ---------------------------------------------------
 
 
 @pytest.mark.parametrize("text, seconds", [
@@ -374,8 +381,8 @@ def test_derived_ulid_check_value_and_time_rules() -> None:
     ("2000-02-29", 951782400),
 ])
 def test_strict_iso_check_values(text: str, seconds: int) -> None:
-    """§3.3 check values (lines 312-319) and rules (lines 303-308)."""
-    parsed = parse_iso(text)
+    """docs/customerio-track-v2.md §5.3: its check values and rules."""
+    parsed = parse_iso_unix(text)
     assert parsed is not None and parsed[0] == seconds
 
 
@@ -386,9 +393,9 @@ def test_strict_iso_check_values(text: str, seconds: int) -> None:
     "2100-02-29", "2023-12-25T14:30:45\n", "\uff12023-12-25", "25 Mar 2015", "1700000000", "2024-1-01",
 ])
 def test_not_strict_iso(text: str) -> None:
-    """§3.3 (lines 300-306): upper-case T/Z, no space, ≤ 9 fraction digits only after seconds,
+    """docs/customerio-track-v2.md §5.3: upper-case T/Z, no space, ≤ 9 fraction digits only after seconds,
     an offset only with a time, a real calendar date and time."""
-    assert parse_iso(text) is None
+    assert parse_iso_unix(text) is None
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -397,29 +404,30 @@ def test_not_strict_iso(text: str) -> None:
     ("garbage", None), ("", None), (True, None), (None, None), ({"t": 1}, None), ("1e9", None), ("-5", None),
 ])
 def test_to_unix(value: Any, expected: int | None) -> None:
-    """§3.1 (lines 256-261): numbers floored, digit strings floored, strict ISO, otherwise omitted."""
+    """docs/customerio-track-v2.md §5.1 (T-1 to T-3): numbers floored, digit strings floored, strict ISO,
+    otherwise omitted."""
     assert to_unix(value) == expected
 
 
 def test_attribute_conversion() -> None:
-    """§3.2 (lines 276-281): plain objects recursively; arrays are not entered; non-ISO
-    strings (line 281's list) and other values stay."""
+    """docs/customerio-track-v2.md §5.2 (T-5 to T-7): plain objects recursively; arrays are not entered;
+    non-ISO strings (T-7's list) and other values stay."""
     attrs: dict[str, Any] = {
         "a": "2024-01-01", "nested": {"b": "2024-01-01T00:00:00Z", "deeper": {"c": "2024-01-01"}},
         "list": ["2024-01-01", {"at": "2024-01-01T00:00:00Z"}],
         "keep": ["1700000000", "25 Mar 2015", "03/19/2024", "2018-03-04T12:08:56 PDT", "11-Jan-18"],
         "n": 1, "t": True, "z": None}
-    out = convert(attrs)
+    out = convert_timestamps(attrs)
     assert out["a"] == 1704067200 and out["nested"] == {"b": 1704067200, "deeper": {"c": 1704067200}}
     assert out["list"] == attrs["list"] and out["keep"] == attrs["keep"]
     assert [out["n"], out["t"], out["z"]] == [1, True, None]
     for s in attrs["keep"]:
-        assert convert({"k": s}) == {"k": s}
+        assert convert_timestamps({"k": s}) == {"k": s}
 
 
 def test_convert_timestamps_off() -> None:
-    """§3.2 line 272: attributes stay as sent, but top-level timestamps (and device.last_used,
-    §7 D-27) are still integers because Customer.io requires them."""
+    """docs/customerio-track-v2.md §5.1 T-4: attributes stay as sent, but top-level timestamps (and
+    device.last_used, D-21) are still integers because Customer.io requires them."""
     call = {"type": "identify", "userId": "u", "timestamp": "2024-03-20T10:30:00-05:00",
             "traits": {"seen": "2024-01-01", "created_at": "2024-01-01"}}
     assert op_of(call, convert_timestamps=False) == {
@@ -432,22 +440,22 @@ def test_convert_timestamps_off() -> None:
 
 
 def test_names_and_ids_are_never_converted() -> None:
-    """§3.2 line 293: top-level fields such as name or id are not timestamps."""
+    """docs/customerio-track-v2.md §5.2: top-level fields such as name or id are not timestamps."""
     op = op_of({"type": "track", "event": "2024-01-01", "userId": "2024-01-01"})
     assert op["name"] == "2024-01-01" and op["identifiers"] == {"id": "2024-01-01"}
 
 
 def test_timestamp_falls_back_to_original_timestamp() -> None:
-    """§3.1 line 255: timestamp, falling back to originalTimestamp."""
+    """docs/customerio-track-v2.md §5.1: timestamp, falling back to originalTimestamp."""
     op = op_of({"type": "track", "event": "E", "userId": "u", "originalTimestamp": "2019-02-01"})
     assert op["timestamp"] == 1548979200
 
 
-# -- §4.1 limits ----------------------------------------------------------------------------------
+# -- docs/customerio-track-v2.md §6.1 limits -----------------------------------------------------
 
 
 def test_attribute_limits() -> None:
-    """§4.1 (lines 334-339): ≤ 300 attributes, names ≤ 150 bytes, values ≤ 1000 bytes
+    """docs/customerio-track-v2.md §6.1 L-5: ≤ 300 attributes, names ≤ 150 bytes, values ≤ 1000 bytes
     (UTF-8 for strings, compact JSON for objects and arrays; numbers exempt)."""
     ok = {"type": "identify", "userId": "u", "traits": {f"k{i}": i for i in range(300)}}
     make().prepare(ok)
@@ -461,8 +469,8 @@ def test_attribute_limits() -> None:
 
 
 def test_limits_apply_to_objects_and_relationships_but_not_event_data() -> None:
-    """§4.1: object ids and relationship attributes are limited; event attributes only by
-    the op size (line 340)."""
+    """docs/customerio-track-v2.md §6.1: object ids and relationship attributes are limited; event
+    attributes only by the op size (L-1)."""
     assert code_of({"type": "group", "groupId": "g" * 151}) == "LIMIT_EXCEEDED"
     assert code_of({"type": "group", "groupId": "g", "userId": "u" * 151}) == "LIMIT_EXCEEDED"
     assert code_of({"type": "group", "groupId": "g", "userId": "u",
@@ -474,7 +482,8 @@ def test_limits_apply_to_objects_and_relationships_but_not_event_data() -> None:
 
 
 def test_op_size_limit() -> None:
-    """§4.1 line 331: an op over 32,000 bytes of compact UTF-8 JSON is LIMIT_EXCEEDED, never truncated."""
+    """docs/customerio-track-v2.md §6.1 L-1: an op over 32,000 bytes of compact UTF-8 JSON is
+    LIMIT_EXCEEDED, never truncated."""
     base = {"type": "track", "event": "E", "userId": "u"}
     skeleton = len(make().prepare({**base, "properties": {"v": ""}}))
     assert len(make().prepare({**base, "properties": {"v": "x" * (32_000 - skeleton)}})) == 32_000
@@ -484,14 +493,14 @@ def test_op_size_limit() -> None:
 
 
 def test_event_name_limit_counts_bytes() -> None:
-    """§2.3 line 141: ≤ 100 UTF-8 bytes; not applied to page and screen names (§7 D-20)."""
+    """docs/customerio-track-v2.md §4.2 and L-4: ≤ 100 UTF-8 bytes; not applied to page and screen names (D-17)."""
     make().prepare({"type": "track", "event": "é" * 50, "userId": "u"})
     assert code_of({"type": "track", "event": "é" * 50 + "x", "userId": "u"}) == "LIMIT_EXCEEDED"
     make().prepare({"type": "screen", "name": "s" * 300, "userId": "u"})
 
 
 def test_limit_check_order() -> None:
-    """§4.1 line 344: identifier lengths before attribute checks."""
+    """docs/customerio-track-v2.md §6.1: identifier lengths before attribute checks."""
     with pytest.raises(MappingError) as e:
         make().prepare({"type": "identify", "userId": "u" * 151, "traits": {"bio": "x" * 1001}})
     assert e.value.code == "LIMIT_EXCEEDED" and "identifiers.id" in e.value.message
@@ -501,8 +510,8 @@ def test_limit_check_order() -> None:
 
 
 def test_settings_and_urls() -> None:
-    """§0.2 lines 31-43 and seeds/track-api-reference.txt lines 25-27: US and EU hosts,
-    region case-insensitive, ``endpoint`` overrides both (DESIGN.md)."""
+    """docs/customerio-apis.md §2 (H-1, H-3) and §3 AU-1: US and EU hosts, region
+    case-insensitive, ``endpoint`` overrides both; Basic SITE_ID:API_KEY."""
     assert make().batch_url == "https://track.customer.io/api/v2/batch"
     assert make(region="EU").batch_url == "https://track-eu.customer.io/api/v2/batch"
     assert make(region="eu", endpoint="http://127.0.0.1:9/").batch_url == "http://127.0.0.1:9/api/v2/batch"
@@ -519,14 +528,15 @@ def test_settings_and_urls() -> None:
     ({"site_id": "", "api_key": "k"}, "site_id"),
 ])
 def test_settings_errors_name_the_field(settings: dict[str, Any], field: str) -> None:
-    """STYLE.md: a plugin's settings are a Struct with forbid_unknown_fields, so errors name the field."""
+    """docs/plugins.md: a plugin's settings are a Struct with forbid_unknown_fields, so errors
+    name the field."""
     with pytest.raises(ConfigError) as e:
-        convert_settings(settings, Track.Settings)
+        to_struct(settings, Track.Settings)
     assert field in str(e.value)
 
 
 def test_limits() -> None:
-    """§4.1 (lines 331-342) and §4.2 line 350: 32,000-byte ops, 500,000-byte bodies,
+    """docs/customerio-track-v2.md §6.1 and §6.2 B-2: 32,000-byte ops, 500,000-byte bodies,
     max_ops_per_batch (default 100, cap 1000), 1000 requests/s; the engine reads
     ``limits`` from the instance."""
     assert Track.limits == Limits(max_batch_calls=100, max_batch_bytes=500_000, max_call_bytes=32_000,
@@ -559,7 +569,8 @@ _GOOD_EVENT = {"type": "person", "action": "event", "identifiers": {"id": "u"}, 
     ({**_GOOD_EVENT, "id": "m-1"}, "id"),  # dedupe_id: a ULID
     ({**_GOOD_EVENT, "data": {}}, "data"),  # not part of the schema
     ({k: v for k, v in _GOOD_EVENT.items() if k != "name"}, "name"),
-    ({"type": "person", "action": "identify", "identifiers": {"anonymous_id": "a"}}, "identifiers"),  # §7 D-2
+    # docs/customerio-track-v2.md D-2: identify needs a real identifier
+    ({"type": "person", "action": "identify", "identifiers": {"anonymous_id": "a"}}, "identifiers"),
     ({"type": "person", "action": "merge", "primary": {"id": "a"}, "secondary": {"id": "b"},
       "identifiers": {"id": "a"}}, "identifiers"),
     ({"type": "person", "action": "add_device", "identifiers": {"id": "u"},
@@ -576,16 +587,16 @@ _GOOD_EVENT = {"type": "person", "action": "event", "identifiers": {"id": "u"}, 
      "attributes.a"),
 ])
 def test_the_fake_refuses_invalid_ops(op: dict[str, Any], field: str) -> None:
-    """tests/fake_customerio.py is only worth its passes if it refuses what the documents
-    refuse (track-api-reference.txt lines 53-90 and 129-167; CIO-TRACK schemas, §0.1)."""
+    """tests/fake_customerio.py is only worth its passes if it refuses what Customer.io
+    refuses: its op schemas and the limits of docs/customerio-apis.md §5 (SZ-4)."""
     with pytest.raises(Invalid) as e:
         validate_track_op(op)
     assert e.value.field == field
 
 
-async def test_the_fake_refuses_bad_requests(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
+async def test_the_fake_refuses_bad_requests(cio: FakeCustomerIO, http: HttpClient) -> None:
     """Wrong credentials → 401; a body that is not ``{"batch": [...]}`` → 400; over 500,000
-    bytes → 413; an unknown path → 404 (track-api-reference.txt lines 92, 197, 213-215)."""
+    bytes → 413; an unknown path → 404 (docs/customerio-apis.md §3, §5 and §7.1)."""
     auth = make().headers["Authorization"]
     cases: list[tuple[str, dict[str, str], bytes, int]] = [
         ("/api/v2/batch", {}, b'{"batch":[]}', 401),
@@ -604,16 +615,17 @@ async def test_the_fake_refuses_bad_requests(cio: FakeCustomerIO, http: aiohttp.
     assert cio.track_ops == [_GOOD_EVENT]
 
 
-# -- §5 sending, against the fake ----------------------------------------------------------------
+# -- sending, against the fake: docs/customerio-apis.md §7 ---------------------------------
 
 
 def ops(*names: str) -> list[dict[str, Any]]:
     return [EXAMPLES[n]["expected"] for n in names]
 
 
-async def test_send_posts_the_documented_request(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§0.2 lines 31-36: POST /api/v2/batch, Basic base64(site_id:api_key), JSON, ``{"batch":[op,…]}``,
-    even for one op; 200 {} means every op is delivered (§5.1 line 363)."""
+async def test_send_posts_the_documented_request(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §2-§4: POST /api/v2/batch, Basic base64(site_id:api_key), JSON,
+    ``{"batch":[op,…]}``, even for one op (H-4); 200 {} means every op is delivered
+    (docs/customerio-apis.md §7.1)."""
     d = make(http, endpoint=cio.url)
     names = ("Example 2", "Example 8", "Example 10", "Example 12", "Example 20")
     payloads = [d.prepare(EXAMPLES[n]["input"]) for n in names]
@@ -628,30 +640,31 @@ async def test_send_posts_the_documented_request(cio: FakeCustomerIO, http: aioh
     assert cio.track_ops == ops(*names) + ops("Example 2")
 
 
-async def test_every_example_is_accepted_by_the_fake(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """Every op §6 expects passes the fake's documented schemas in one batch (§4.2 line 351: types mix)."""
+async def test_every_example_is_accepted_by_the_fake(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """Every op docs/customerio-track-v2.md §10 expects passes the fake's documented schemas
+    in one batch (docs/customerio-track-v2.md §6.2 B-2: types mix)."""
     d = make(http, endpoint=cio.url)
     good = [e for e in DATA["examples"] + DATA["edge_fixtures"] if "expected" in e]
     assert await d.send([d.prepare(e["input"]) for e in good]) == [DELIVERED] * len(good)
     assert cio.track_ops == [e["expected"] for e in good]
 
 
-SECTION_5_2 = {"errors": [{"batch_index": 1, "reason": "invalid", "field": "identifiers",
+WORKED_ANSWER = {"errors": [{"batch_index": 1, "reason": "invalid", "field": "identifiers",
                            "message": "identifier is not valid"}]}
 
 
 @pytest.mark.parametrize("status", [207, 200])
-async def test_worked_response_example(cio: FakeCustomerIO, http: aiohttp.ClientSession, status: int) -> None:
-    """§5.2 (lines 376-397): Examples 6, 7 and 13 in one request; the 207 (or a 200 with the
-    same body, SEG-PR3816) fails event 2 permanently with its message and field, and
-    delivers events 1 and 3."""
+async def test_worked_response_example(cio: FakeCustomerIO, http: HttpClient, status: int) -> None:
+    """docs/customerio-track-v2.md §7, the worked answer: Examples 6, 7 and 13 in one
+    request; the 207 (or a 200 with the same body, docs/customerio-apis.md §7.2 IE-1) fails
+    event 2 permanently with its message and field, and delivers events 1 and 3."""
     d = make(http, endpoint=cio.url)
-    cio.item_errors("track", SECTION_5_2["errors"], status=status)
+    cio.item_errors("track", WORKED_ANSWER["errors"], status=status)
     out = await d.send([d.prepare(EXAMPLES[n]["input"]) for n in ("Example 6", "Example 7", "Example 13")])
     assert out[0] == DELIVERED and out[2] == DELIVERED
     assert isinstance(out[1], Failed) and out[1].status == status
     assert "identifier is not valid" in out[1].reason and "identifiers" in out[1].reason
-    assert json.loads(out[1].body) == SECTION_5_2["errors"][0]
+    assert json.loads(out[1].body) == WORKED_ANSWER["errors"][0]
     assert len(cio.requests) == 1  # permanent: not retried, not bisected
     assert cio.track_ops == ops("Example 6", "Example 13")
 
@@ -659,19 +672,19 @@ async def test_worked_response_example(cio: FakeCustomerIO, http: aiohttp.Client
 @pytest.mark.parametrize("body", [b'{"errors":[]}', b"{}", b"", b"not json",
                                   b'{"errors":[{"batch_index":5},{"batch_index":-1},{"batch_index":"1"},'
                                   b'{"batch_index":true},{"message":"no index"}]}'])
-async def test_200_without_valid_item_errors_delivers_all(cio: FakeCustomerIO, http: aiohttp.ClientSession,
+async def test_200_without_valid_item_errors_delivers_all(cio: FakeCustomerIO, http: HttpClient,
                                                           body: bytes) -> None:
-    """§5.2 line 397 and §5.1 line 364: 200 with no errors (or errors without a valid
-    batch_index, which are logged and ignored) delivers every op."""
+    """docs/customerio-apis.md §7.2 IE-3: 200 with no errors (or errors without a valid
+    batch_index, which are logged and ignored) delivers every op (docs/customerio-track-v2.md §7)."""
     d = make(http, endpoint=cio.url)
     cio.fail("track", 200, body=body)
     payloads = [d.prepare(EXAMPLES[n]["input"]) for n in ("Example 6", "Example 7")]
     assert await d.send(payloads) == [DELIVERED, DELIVERED]
 
 
-async def test_fake_validation_errors_come_back_per_item(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 line 364 without injection: an op that breaks the documented schema (a string
-    timestamp) is a 207 item error from the fake; only that op fails."""
+async def test_fake_validation_errors_come_back_per_item(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.2 without injection: an op that breaks the documented
+    schema (a string timestamp) is a 207 item error from the fake; only that op fails."""
     d = make(http, endpoint=cio.url)
     good = d.prepare(EXAMPLES["Example 6"]["input"])
     bad = json.dumps({**EXAMPLES["Example 6"]["expected"], "timestamp": "2024-03-20"}).encode()
@@ -681,8 +694,8 @@ async def test_fake_validation_errors_come_back_per_item(cio: FakeCustomerIO, ht
     assert len(cio.track_ops) == 2
 
 
-async def test_400_is_bisected_to_the_bad_ops(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 line 365: a 400 accepts nothing; with several ops the batch is split in half and
+async def test_400_is_bisected_to_the_bad_ops(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.1: a 400 accepts nothing; with several ops the batch is split in half and
     resent until the bad ops are isolated (at most ⌈log₂ n⌉ levels); good ops are delivered
     in their order."""
     d = make(http, endpoint=cio.url)
@@ -702,8 +715,8 @@ async def test_400_is_bisected_to_the_bad_ops(cio: FakeCustomerIO, http: aiohttp
     assert isolated == ["u2", "u7"]
 
 
-async def test_400_for_a_single_op_fails_it(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 line 365: "With one op, fail it permanently"."""
+async def test_400_for_a_single_op_fails_it(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.1: a 400 for one op fails it permanently."""
     d = make(http, endpoint=cio.url)
     cio.fail("track", 400, body={"errors": [{"reason": "bad", "field": "batch", "message": "malformed"}]})
     [out] = await d.send([d.prepare(EXAMPLES["Example 6"]["input"])])
@@ -711,8 +724,8 @@ async def test_400_for_a_single_op_fails_it(cio: FakeCustomerIO, http: aiohttp.C
     assert len(cio.requests) == 1
 
 
-async def test_413_halves_until_it_fits(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 line 370: a 413 accepts nothing; n > 1 is split in half and resent; one op that is
+async def test_413_halves_until_it_fits(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.1: a 413 accepts nothing; n > 1 is split in half and resent; one op that is
     still too large fails with LIMIT_EXCEEDED."""
     d = make(http, endpoint=cio.url)
     payloads = [d.prepare({"type": "track", "event": "E", "userId": f"u{i}", "properties": {"v": "x" * 900}})
@@ -726,8 +739,8 @@ async def test_413_halves_until_it_fits(cio: FakeCustomerIO, http: aiohttp.Clien
     assert isinstance(out, Failed) and out.status == 413 and out.reason.startswith("LIMIT_EXCEEDED")
 
 
-async def test_bad_credentials_pause(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 lines 366-368: 401 (wrong key), 403 and 404 (wrong host or path) stop the
+async def test_bad_credentials_pause(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.3: 401 (wrong key), 403 and 404 (wrong host or path) stop the
     destination until a person acts: ``Paused``, so the engine keeps the batch queued."""
     payload = make().prepare(EXAMPLES["Example 6"]["input"])
     with pytest.raises(Paused) as e:
@@ -744,8 +757,9 @@ async def test_bad_credentials_pause(cio: FakeCustomerIO, http: aiohttp.ClientSe
     assert [r.status for r in cio.requests] == [401, 403, 404]
 
 
-async def test_429_retries_with_retry_after(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 line 371: retry the whole request, honouring Retry-After in seconds or as an HTTP-date."""
+async def test_429_retries_with_retry_after(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.1: a 429 retries the whole request, honouring Retry-After in seconds
+    or as an HTTP-date."""
     d = make(http, endpoint=cio.url)
     payloads = [d.prepare(EXAMPLES[n]["input"]) for n in ("Example 6", "Example 7")]
     cio.fail("track", 429, headers={"Retry-After": "7"})
@@ -758,8 +772,8 @@ async def test_429_retries_with_retry_after(cio: FakeCustomerIO, http: aiohttp.C
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 408])
-async def test_5xx_and_408_retry_then_deliver(cio: FakeCustomerIO, http: aiohttp.ClientSession, status: int) -> None:
-    """§5.1 lines 369 and 372: the whole request is retried (the engine does the backoff)."""
+async def test_5xx_and_408_retry_then_deliver(cio: FakeCustomerIO, http: HttpClient, status: int) -> None:
+    """docs/customerio-apis.md §7.1: the whole request is retried (the engine does the backoff)."""
     d = make(http, endpoint=cio.url)
     payloads = [d.prepare(EXAMPLES[n]["input"]) for n in ("Example 6", "Example 7")]
     cio.fail("track", status, times=2)
@@ -770,8 +784,8 @@ async def test_5xx_and_408_retry_then_deliver(cio: FakeCustomerIO, http: aiohttp
     assert cio.track_ops == ops("Example 6", "Example 7")
 
 
-async def test_other_4xx_fail_every_op(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """§5.1 line 374: any other 4xx is permanent for all ops in the request."""
+async def test_other_4xx_fail_every_op(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.1: any other 4xx is permanent for all ops in the request."""
     d = make(http, endpoint=cio.url)
     cio.fail("track", 422)
     out = await d.send([d.prepare(EXAMPLES["Example 6"]["input"])] * 2)
@@ -779,9 +793,9 @@ async def test_other_4xx_fail_every_op(cio: FakeCustomerIO, http: aiohttp.Client
     assert len(cio.requests) == 1
 
 
-async def test_network_errors_propagate(http: aiohttp.ClientSession) -> None:
-    """§5.1 line 373: a network error retries the whole request, which the engine does when
-    ``send`` raises aiohttp.ClientError (gateway/destination.py)."""
+async def test_network_errors_propagate(http: HttpClient) -> None:
+    """docs/customerio-apis.md §7.1: a network error retries the whole request, which the engine does
+    when ``send`` raises aiohttp.ClientError (docs/plugins.md, ``send``)."""
     import socket
 
     with socket.socket() as s:
@@ -797,8 +811,8 @@ def _identify(user: str) -> dict[str, Any]:
 
 
 async def test_merge_never_shares_a_request_with_its_primarys_identify(cio: FakeCustomerIO,
-                                                                       http: aiohttp.ClientSession) -> None:
-    """§4.2 line 352 and §2.7 line 184: a merge is sent in a later request than an identify
+                                                                       http: HttpClient) -> None:
+    """docs/customerio-track-v2.md §6.2 B-3 and §4.6: a merge is sent in a later request than an identify
     of its primary (and before one that follows it); other ops keep sharing requests."""
     d = make(http, endpoint=cio.url)
     merge = {"type": "alias", "userId": "jane@example.com", "previousId": "anon-1"}
@@ -817,8 +831,8 @@ async def test_merge_never_shares_a_request_with_its_primarys_identify(cio: Fake
 
 
 async def test_merge_is_held_back_when_the_identify_before_it_fails(cio: FakeCustomerIO,
-                                                                    http: aiohttp.ClientSession) -> None:
-    """§2.7 line 183: the primary must exist; if its identify must be retried, the merge is
+                                                                    http: HttpClient) -> None:
+    """docs/customerio-track-v2.md §6.2 B-4: the primary must exist; if its identify must be retried, the merge is
     not sent ahead of it but retried with it, in order."""
     d = make(http, endpoint=cio.url)
     cio.fail("track", 503)
@@ -827,9 +841,10 @@ async def test_merge_is_held_back_when_the_identify_before_it_fails(cio: FakeCus
     assert len(cio.requests) == 1 and cio.track_ops == []
 
 
-async def test_v1_fallback_is_sent_to_metrics(cio: FakeCustomerIO, http: aiohttp.ClientSession) -> None:
-    """Appendix B line 1259: a metric v2 cannot carry goes alone to /api/v1/metrics with the
-    same Basic auth; v2 ops in the same batch still go to /api/v2/batch; outcomes keep order."""
+async def test_v1_fallback_is_sent_to_metrics(cio: FakeCustomerIO, http: HttpClient) -> None:
+    """docs/customerio-track-v2.md §8 and docs/customerio-apis.md §9: a metric v2 cannot
+    carry goes alone to /api/v1/metrics with the same Basic auth; v2 ops in the same batch
+    still go to /api/v2/batch; outcomes keep order."""
     d = make(http, endpoint=cio.url, delivery_v1_fallback=True)
     clicked = {"type": "track", "event": "Report Delivery Event", "timestamp": "2024-03-20T15:00:00Z",
                "properties": {"deliveryId": "d1", "metric": "clicked", "recipient": "jane@example.com"}}
@@ -863,7 +878,7 @@ def track_destination(cio: FakeCustomerIO, max_attempts: int = 3) -> str:
 async def dead_letters(path: Path, n: int, timeout: float = 10.0) -> list[Any]:
     deadline = time.monotonic() + timeout
     while True:
-        store = DeadLetterStore(path)
+        store = open_dead_letters(StorageConfig(path=str(path)))
         try:
             letters = store.list()
         finally:
@@ -875,8 +890,8 @@ async def dead_letters(path: Path, n: int, timeout: float = 10.0) -> list[Any]:
 
 async def test_e2e_calls_reach_the_fake_as_track_ops(gateway_client: Callable[..., Any], cio: FakeCustomerIO,
                                                       tmp_path: Path) -> None:
-    """DESIGN.md "The path of an event": calls posted to the gateway are stored, mapped by the
-    Track destination and delivered to (fake) Customer.io as §6 expects; a call that cannot
+    """Calls posted to the gateway are stored, mapped by the Track destination and
+    delivered to (fake) Customer.io as docs/customerio-track-v2.md §10 expects; a call that cannot
     be mapped (Example 5) is dead-lettered with its code, and the others still go."""
     client = await gateway_client(track_destination(cio))
     names = ["Example 6", "Example 5", "Example 13", "Example 10", "Example 12", "Example 3"]
@@ -892,10 +907,10 @@ async def test_e2e_calls_reach_the_fake_as_track_ops(gateway_client: Callable[..
 
 async def test_e2e_item_error_is_dead_lettered_alone(gateway_client: Callable[..., Any], cio: FakeCustomerIO,
                                                     tmp_path: Path) -> None:
-    """DESIGN.md "A Track v2 answer can fail single items of a batch: only those are retried
-    or dead-lettered", with §5.2's answer (lines 376-397)."""
+    """A Track v2 answer can fail single items of a batch: only those are dead-lettered
+    (docs/customerio-apis.md §7.2), with the worked answer of docs/customerio-track-v2.md §7."""
     client = await gateway_client(track_destination(cio))
-    cio.item_errors("track", SECTION_5_2["errors"])
+    cio.item_errors("track", WORKED_ANSWER["errors"])
     names = ["Example 6", "Example 7", "Example 13"]
     r = await client.post("/v1/batch", json={"batch": [EXAMPLES[n]["input"] for n in names]},
                           headers={"Authorization": f"Bearer {WRITE_KEY}"})
@@ -910,7 +925,7 @@ async def test_e2e_item_error_is_dead_lettered_alone(gateway_client: Callable[..
 
 async def test_e2e_server_errors_are_retried(gateway_client: Callable[..., Any], cio: FakeCustomerIO,
                                             tmp_path: Path) -> None:
-    """§5.1 line 372 with the engine's backoff: two 503s, then every call arrives once."""
+    """docs/customerio-apis.md §7.1 with the engine's backoff: two 503s, then every call arrives once."""
     client = await gateway_client(track_destination(cio, max_attempts=5))
     cio.fail("track", 503, times=2)
     names = ["Example 6", "Example 7"]

@@ -5,8 +5,8 @@ The Pipelines copy must be the call as the SDK sent it plus the gateway's
 enrichment: it is compared with what a plain webhook destination received
 from the same spool (tests/test_python_sdks.py checks that copy against the
 SDK field by field).  The Track copy must be the mapped operation of that same
-call (customerio-track-v2.md §2; the mapping itself is checked against the
-spec's worked examples in tests/test_customerio_track.py)."""
+call (docs/customerio-track-v2.md §4; the mapping itself is checked against
+the worked examples of docs/customerio-track-v2.md §10 in tests/test_customerio_track.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import pytest
 from fake_customerio import (  # noqa: F401 (fixtures)
     PIPELINES_API_KEY, SITE_ID, TRACK_API_KEY, FakeCustomerIO, cio,
 )
-from plugins.customerio_track import CustomerioTrackDestination as Track
+from gateway.http_client import HttpClient, HttpPool, Throttle
+from plugins.customerio.track_v2 import CustomerioTrackDestination as Track
 from test_python_sdks import SDKS, no_proxy, send_all  # noqa: F401 (fixture)
 
 WRITE_KEY = "test-write-key"  # tests/conftest.py's source key
@@ -77,8 +78,11 @@ async def test_each_sdk_reaches_both_customerio_destinations(
     assert req == "1", "the Pipelines destination asks Customer.io for strict validation"
 
     # Track v2: one mapped operation per call, as the plugin maps the stored call.
-    mapper = Track("Customer.io", Track.Settings(site_id=SITE_ID, api_key=TRACK_API_KEY, endpoint=cio.url), None)
+    pool = HttpPool()  # the mapper only prepares: nothing connects
+    mapper = Track("Customer.io", Track.Settings(site_id=SITE_ID, api_key=TRACK_API_KEY, endpoint=cio.url),
+                   HttpClient(pool, Throttle(1e9, 1.0)))
     expected = [msgspec.json.decode(mapper.prepare(json.loads(json.dumps(c)))) for c in stored]
+    await pool.close()
     assert canonical(cio.track_ops) == canonical(expected)
     ops = {(op["type"], op["action"]): op for op in cio.track_ops}
     assert sorted(ops) == [("object", "identify"), ("person", "event"), ("person", "identify"),
@@ -88,4 +92,5 @@ async def test_each_sdk_reaches_both_customerio_destinations(
     assert ops["object", "identify"]["identifiers"]["object_id"] == "g-1"
     assert (ops["person", "merge"]["primary"], ops["person", "merge"]["secondary"]) == ({"id": "u-1"}, {"id": "anon-1"})
     for key in (("person", "identify"), ("person", "event"), ("person", "page"), ("person", "screen")):
-        assert isinstance(ops[key]["timestamp"], int), "ISO timestamps become Unix seconds (§3.1)"
+        # docs/customerio-track-v2.md §5.1
+        assert isinstance(ops[key]["timestamp"], int), "ISO timestamps become Unix seconds"

@@ -1,13 +1,13 @@
 """``customerio_pipelines``: Pipelines calls forwarded unchanged to Customer.io's
 Pipelines API (``POST /v1/batch``), context, integrations, messageId and
-timestamps included (DESIGN.md, "Customer.io destinations").
+timestamps included (docs/customerio-apis.md §1).
 
 Requests carry ``X-Strict-Mode: 1`` so that Customer.io answers a bad call with
 a 400 or 401 instead of a 200 that silently drops it
-(seeds/pipelines-vs-track-api.txt, "lax and strict modes").  The answer is read
-as the Track destination reads its own (``CustomerioBatchDestination``): a 400
-for a batch is bisected to find the bad calls, bad credentials pause the
-destination, 429 and 5xx are retried.
+(docs/customerio-apis.md §6).  The answer is read by the shared client
+(``client``), as the Track destination reads its own: a 400 for a batch is
+bisected to find the bad calls, bad credentials pause the destination, 429
+and 5xx are retried.  Rule ids (SM-3) are those of docs/customerio-apis.md.
 """
 
 from __future__ import annotations
@@ -15,22 +15,21 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import aiohttp
 import msgspec
 
-from gateway.destination import BODY_EXCERPT, Destination, Limits, MappingError, Outcome, Paused, basic_auth
-from gateway.events import STRIPPED_KEYS
-from gateway.hookspecs import hookimpl
-from gateway.ingest import check_call
-from plugins.customerio_track import CustomerioBatchDestination, check_region
+from gateway.api import (
+    BODY_EXCERPT, STRIPPED_KEYS, HttpClient, Limits, MappingError, Outcome, Paused, basic_auth, check_call,
+)
+from plugins.customerio.client import BATCH_OVERHEAD, CustomerioBatchDestination, base_url, check_region
 
 _encode = msgspec.json.Encoder().encode
 
+#: docs/customerio-apis.md §2
 REGIONS: dict[str, str] = {"us": "https://cdp.customer.io", "eu": "https://cdp-eu.customer.io"}
 BATCH_PATH = "/v1/batch"
-#: strict mode reports authentication errors as "401/400 with error details"
-#: (pipelines-vs-track-api.txt); a 400 that talks about credentials pauses
-#: rather than dead-lettering every call of the backlog one by one
+#: strict mode may report authentication errors as a 400 (docs/customerio-apis.md §6);
+#: a 400 that talks about credentials pauses rather than dead-lettering every call
+#: of the backlog one by one
 _AUTH_400 = re.compile(r"unauthori[sz]ed|authenticat|(?:api|write)[ _-]?key|credential", re.I)
 
 
@@ -38,10 +37,9 @@ class CustomerioPipelinesDestination(CustomerioBatchDestination):
     """Customer.io Pipelines API: Basic ``API_KEY:`` (empty password)."""
 
     type = "customerio_pipelines"
-    # pipelines-api-reference.txt, "Rate and payload limits" and "Batch requests":
-    # 500KB a batch, 32KB a call, 3000 requests per 3 seconds
+    # docs/customerio-apis.md §5 and §8: 500KB a batch, 32KB a call, 3000 requests per 3 seconds
     limits = Limits(max_batch_calls=100, max_batch_bytes=500_000, max_call_bytes=32_000,
-                    batch_overhead=len(b'{"batch":[]}'), rate_requests=3000.0, rate_period=3.0)
+                    batch_overhead=BATCH_OVERHEAD, rate_requests=3000.0, rate_period=3.0)
 
     class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         #: the API key of an HTTP source in Customer.io (Data Pipelines > Sources)
@@ -56,16 +54,16 @@ class CustomerioPipelinesDestination(CustomerioBatchDestination):
                 raise ValueError("api_key is required (the API key of a Customer.io HTTP source)")
             self.region = check_region(self.region)
 
-    def __init__(self, name: str, settings: Settings, http: aiohttp.ClientSession | None) -> None:
+    def __init__(self, name: str, settings: Settings, http: HttpClient) -> None:
         super().__init__(name, settings, http)
-        self.batch_url = (settings.endpoint or REGIONS[settings.region]).rstrip("/") + BATCH_PATH
+        self.batch_url = base_url(REGIONS, settings.region, settings.endpoint) + BATCH_PATH
         self.headers = {"Content-Type": "application/json", "X-Strict-Mode": "1",
                         "Authorization": basic_auth(str(settings.api_key), "")}
 
     def prepare(self, call: dict[str, Any]) -> bytes:
         """The call itself.  A call strict mode would refuse (a transform may have
         removed a required field) is dead-lettered here rather than costing a
-        rejected request and its bisection."""
+        rejected request and its bisection (docs/customerio-apis.md §6.2)."""
         problem = check_call(call, None)
         if problem is not None:
             raise MappingError(problem.reason.upper(), problem.message)
@@ -80,8 +78,3 @@ class CustomerioPipelinesDestination(CustomerioBatchDestination):
 
     async def send(self, payloads: list[bytes]) -> list[Outcome]:
         return await self.post_batch(payloads)
-
-
-@hookimpl
-def register_destinations() -> list[type[Destination]]:
-    return [CustomerioPipelinesDestination]
