@@ -156,7 +156,7 @@ class Handlers:
             for reason in prepared.dropped:
                 feed.publish("dropped", source=source.name, reason=reason)
         try:
-            await self.spool.append(source.name, prepared.rows)
+            left_out = await self.spool.append(source.name, prepared.rows, prepared.ids)
         except (SpoolFull, StorageFailed) as e:
             counters.bump(counters.rejected, "overload", len(prepared.rows))
             log.warning("503 for %d call(s): %s", len(prepared.rows), e)
@@ -165,7 +165,9 @@ class Handlers:
                              calls=len(prepared.rows))
             return _json(503, {"error": f"the gateway cannot store calls right now: {e}", "reason": "overload"},
                          {"Retry-After": RETRY_AFTER})
-        counters.bump(counters.accepted, source.name, len(prepared.rows))
+        if left_out or prepared.duplicates:
+            counters.bump(counters.deduplicated, source.name, left_out + prepared.duplicates)
+        counters.bump(counters.accepted, source.name, len(prepared.rows) - left_out)
         if feed.watched:
             for row in prepared.rows:
                 feed.call_record("accepted", row, source=source.name)

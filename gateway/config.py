@@ -46,14 +46,44 @@ def parse_size(value: Any) -> ByteSize:
     return ByteSize(int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()]))
 
 
+class Duration(float):
+    """Seconds, written as ``3600``, ``90m``, ``24h`` or ``7d``."""
+
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(value: Any) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 3600, 90m, 24h or 7d")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration may not be negative")
+        return Duration(value)
+    m = DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration such as 3600, 90m, 24h or 7d, got {value!r}")
+    return Duration(float(m.group(1)) * DURATION_UNITS[(m.group(2) or "").lower()])
+
+
 def _dec_hook(type_: type, obj: Any) -> Any:
     if type_ is ByteSize:
         return parse_size(obj)
+    if type_ is Duration:
+        return parse_duration(obj)
     raise NotImplementedError
 
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
+
+
+class AdminConfig(Base):
+    """Who may open the debugger (``/debugger``, Basic auth)."""
+
+    user: str
+    password: str
 
 
 class ServerConfig(Base):
@@ -69,6 +99,8 @@ class ServerConfig(Base):
     #: seconds SIGTERM waits for in-flight requests and sends
     shutdown_timeout: float = 10.0
     access_log: bool = False
+    #: the debugger's credentials; None: every /debugger path answers 404
+    admin: AdminConfig | None = None
 
 
 class StorageConfig(Base):
@@ -77,6 +109,9 @@ class StorageConfig(Base):
     max_bytes: ByteSize = ByteSize(10 * 1024**3)
     #: seconds a delivered call stays in the spool before it is removed
     retention: float = 0.0
+    #: a call whose messageId was stored within this window is answered 200
+    #: and not stored again; 0 turns deduplication off
+    dedup_window: Duration = Duration(24 * 3600)
 
 
 class SourceConfig(Base):
@@ -288,6 +323,8 @@ def check(cfg: Config, root: yaml.Node | None = None) -> None:
         line = _line_of(root, path, None)
         raise ConfigError(f"{'line %d: ' % line if line else ''}{path[2:]}: {msg}")
 
+    if cfg.server.admin is not None and not (cfg.server.admin.user and cfg.server.admin.password):
+        fail("$.server.admin", "needs a user and a password that are not empty")
     seen: set[str] = set()
     keys: set[str] = set()
     for i, s in enumerate(cfg.sources):

@@ -27,6 +27,7 @@ class Counters:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, int], int] = {}
         self.accepted: dict[str, int] = {}
+        self.deduplicated: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
         self.sdk_metrics = 0
@@ -60,6 +61,11 @@ class GatewayCollector:
         yield m
         m = CounterMetricFamily("gateway_calls_accepted", "Calls stored in the spool", labels=["source"])
         for k, n in sorted(c.accepted.items()):
+            m.add_metric([k], n)
+        yield m
+        m = CounterMetricFamily("gateway_calls_deduplicated", "Calls answered 200 but not stored again: their "
+                                "messageId was stored within storage.dedup_window", labels=["source"])
+        for k, n in sorted(c.deduplicated.items()):
             m.add_metric([k], n)
         yield m
         m = CounterMetricFamily("gateway_calls_rejected", "Calls not stored, by reason", labels=["reason"])

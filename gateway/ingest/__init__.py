@@ -29,6 +29,11 @@ class Prepared(msgspec.Struct):
     rows: list[bytes]
     rejections: list[Rejection]
     dropped: list[str]  # transform drop reasons, one per dropped call
+    #: the messageId each row's client sent, for the spool's deduplication
+    #: (None where the gateway made one up); empty when it is switched off
+    ids: list[str | None] = msgspec.field(default_factory=list)
+    #: calls left out because an earlier call of the same request had their messageId
+    duplicates: int = 0
 
 
 BOM = b"\xef\xbb\xbf"
@@ -54,6 +59,7 @@ class Ingest:
         self.transforms = transforms
         self.max_event = int(cfg.server.max_event_bytes)
         self.max_batch = int(cfg.server.max_batch_bytes)
+        self.dedup = cfg.storage.dedup_window > 0
 
     def body_limit(self, kind: str) -> int:
         """Bytes a request body of this kind may hold (before and after decompression)."""
@@ -114,6 +120,10 @@ class Ingest:
         dropped: list[str] = []
         transforms = self.transforms
         limit = self.max_event
+        dedup = self.dedup
+        ids: list[str | None] = []
+        seen: set[str] = set()
+        duplicates = 0
         for i, item in enumerate(items):
             index = i if is_batch else None
             if is_batch:
@@ -139,6 +149,7 @@ class Ingest:
                     problem.field = f"batch[{i}].{problem.field}" if problem.field else f"batch[{i}]"
                 rejections.append(problem)
                 continue
+            sent_id = call.get("messageId") if dedup else None
             problem = enricher.apply(call, type_)
             if problem is not None:
                 problem.index = index
@@ -146,6 +157,12 @@ class Ingest:
                     problem.field = f"batch[{i}].{problem.field}"
                 rejections.append(problem)
                 continue
+            if sent_id:
+                sent_id = sent_id if sent_id.__class__ is str else str(sent_id)
+                if sent_id in seen:
+                    duplicates += 1
+                    continue
+                seen.add(sent_id)
             for t in transforms:
                 call = t.apply(call)
                 if call is None:
@@ -153,7 +170,9 @@ class Ingest:
                     break
             else:
                 rows.append(encoder.encode(call))
-        return Prepared(source, rows, rejections, dropped)
+                if dedup:
+                    ids.append(sent_id or None)
+        return Prepared(source, rows, rejections, dropped, ids, duplicates)
 
 
 def _field_of(e: msgspec.ValidationError) -> str | None:

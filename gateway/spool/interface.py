@@ -36,9 +36,13 @@ class Spool(Protocol):
     def has_room(self, size: int = 1) -> bool:
         """Whether ``size`` more bytes of calls would be taken now."""
 
-    async def append(self, source: str, rows: list[bytes]) -> None:
-        """Store calls of one source durably; returns once they are.  Raises
-        SpoolFull or StorageFailed, and then nothing of ``rows`` is promised."""
+    async def append(self, source: str, rows: list[bytes], ids: list[str | None] | None = None) -> int:
+        """Store calls of one source durably; returns once they are, with how
+        many were left out as duplicates: a call whose messageId (``ids``, one
+        per row; None: the gateway made the id up) was stored within the
+        dedup window is not stored again, and its id is recorded in the same
+        commit as its call.  Raises SpoolFull or StorageFailed, and then
+        nothing of ``rows`` is promised."""
 
     async def cursor(self, destination: str) -> int:
         """The destination's read position; a new destination starts at the end."""

@@ -13,6 +13,7 @@ writer process dies, what it had not answered fails with StorageFailed (a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import itertools
 import logging
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterable
 from gateway.spool import writer as w
 from gateway.spool.records import Ack, Pending, Record, SpoolFull, StorageFailed
 from gateway.spool.sqlite_reads import SplitCache, read_after
-from gateway.spool.store import FILE, SPAN, connect, segments
+from gateway.spool.store import FILE, PURGE_IDS, ROW_CALLS, SPAN, Row, connect, segments
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,33 @@ class _Link(asyncio.Protocol):
         self.spool._lost(self)
 
 
+class _Pending:
+    """The appends of one source in this turn of the loop."""
+
+    __slots__ = ("calls", "ids", "has_ids", "waiters")
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.ids: list[str | None] = []
+        self.has_ids = False
+        #: (future, index of its first call in ``calls``, how many)
+        self.waiters: list[tuple[asyncio.Future[list[int]], int, int]] = []
+
+    def add(self, rows: list[bytes], ids: list[str | None] | None, waiter: asyncio.Future[list[int]]) -> None:
+        if ids and not self.has_ids:
+            self.ids = [None] * len(self.calls)
+            self.has_ids = True
+        if self.has_ids:
+            self.ids.extend(ids if ids else [None] * len(rows))
+        self.waiters.append((waiter, len(self.calls), len(rows)))
+        self.calls.extend(rows)
+
+
 class SqliteSpool:
     """The spool backend used by default (``storage.backend: sqlite``)."""
 
     def __init__(self, path: str | Path, max_bytes: int,
-                 on_commit: Callable[[float], None] = lambda seconds: None) -> None:
+                 on_commit: Callable[[float], None] = lambda seconds: None, dedup_window: float = 0.0) -> None:
         self.dir = Path(path)
         self.file = self.dir / FILE
         self.max_bytes = max_bytes
@@ -87,6 +110,8 @@ class SqliteSpool:
         self.last_seq = 0
         #: called with each group commit's duration (metrics)
         self.on_commit = on_commit
+        #: seconds a stored messageId keeps a call with the same id out (0: off)
+        self.dedup_window = dedup_window
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None  # None while no writer answers
         self._proc: subprocess.Popen[bytes] | None = None
@@ -100,9 +125,8 @@ class SqliteSpool:
         self._lconn: sqlite3.Connection | None = None  # on the event loop
         self._listeners: list[asyncio.Event] = []
         self._split_cache = SplitCache()  # used on the event loop only
-        #: appends of this turn of the loop, sent together at its end
-        self._pending: dict[str, list[bytes]] = {}
-        self._waiters: list[asyncio.Future[None]] = []
+        #: appends of this turn of the loop, by source, sent together at its end
+        self._pending: dict[str, _Pending] = {}
         self._flush_queued = False
 
     @property
@@ -260,55 +284,78 @@ class SqliteSpool:
         """Whether ``size`` more bytes of calls fit."""
         return self.bytes + size <= self.max_bytes
 
-    async def append(self, source: str, rows: list[bytes]) -> None:
-        """Store calls; returns once they are committed and fsync'd.
+    async def append(self, source: str, rows: list[bytes], ids: list[str | None] | None = None) -> int:
+        """Store calls; returns once they are committed and fsync'd, with how
+        many were left out because their messageId (``ids``, one per row, None
+        for none) was stored within ``dedup_window``.
 
         The appends of one turn of the event loop go to the writer as one
         message (one INSERT of a row per source)."""
         if not rows:
-            return
+            return 0
         size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
         if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
         if self._link is None:
             raise StorageFailed("the spool writer is not running")
         assert self._loop is not None
-        waiter = self._loop.create_future()
+        waiter: asyncio.Future[list[int]] = self._loop.create_future()
         pending = self._pending.get(source)
         if pending is None:
-            self._pending[source] = rows.copy()
-        else:
-            pending.extend(rows)
-        self._waiters.append(waiter)
+            pending = self._pending[source] = _Pending()
+        pending.add(rows, ids if self.dedup_window > 0 else None, waiter)
         if not self._flush_queued:
             self._flush_queued = True
             self._loop.call_soon(self._flush)
         self.bytes += size
         try:
-            await waiter
+            left_out = await waiter
         except BaseException:
             self.bytes -= size
             raise
-        self.rows += len(rows)
+        if left_out:
+            self.bytes -= sum(len(rows[i]) + 1 for i in left_out)
+        self.rows += len(rows) - len(left_out)
+        return len(left_out)
 
     def _flush(self) -> None:
-        pending, waiters = self._pending, self._waiters
-        self._pending, self._waiters, self._flush_queued = {}, [], False
-        if not waiters:
+        pending = self._pending
+        self._pending, self._flush_queued = {}, False
+        if not pending:
             return
         now = time.time()
-        rows = [row for source, calls in pending.items() for row in segments(source, calls, now)]
-        self.submit(lambda n: w.Insert(n, rows)).add_done_callback(functools.partial(self._settle, waiters))
+        rows: list[Row] = []
+        ids: list[list[str | None]] = []
+        deduplicating = any(p.has_ids for p in pending.values())
+        for source, p in pending.items():
+            for k, row in enumerate(segments(source, p.calls, now)):
+                rows.append(row)
+                if deduplicating:
+                    ids.append(p.ids[k * ROW_CALLS:(k + 1) * ROW_CALLS] if p.has_ids else [])
+        window = self.dedup_window
+        self.submit(lambda n: w.Insert(n, rows, ids, window)).add_done_callback(
+            functools.partial(self._settle, pending))
 
-    def _settle(self, waiters: list[asyncio.Future[None]], job: asyncio.Future[Any]) -> None:
-        """Answer every append of one flush."""
+    def _settle(self, pending: dict[str, "_Pending"], job: asyncio.Future[Any]) -> None:
+        """Answer every append of one flush, each with the indexes of its
+        calls the writer left out as duplicates."""
         exc = StorageFailed("the spool closed before the calls were stored") if job.cancelled() else job.exception()
-        for fut in waiters:
-            if not fut.done():
-                if exc is None:
-                    fut.set_result(None)
-                else:
+        left_out: list[list[int]] = job.result()[1] if exc is None else []
+        row = 0
+        for p in pending.values():
+            dups: list[int] = []  # indexes into p.calls
+            for k in range(0, max(1, -(-len(p.calls) // ROW_CALLS))):
+                if row < len(left_out):
+                    dups.extend(k * ROW_CALLS + i for i in left_out[row])
+                row += 1
+            for fut, start, count in p.waiters:
+                if fut.done():
+                    continue
+                if exc is not None:
                     fut.set_exception(exc)
+                else:
+                    fut.set_result([i - start for i in dups[bisect.bisect_left(dups, start):
+                                                          bisect.bisect_left(dups, start + count)]])
 
     # -- delivery ---------------------------------------------------------
 
@@ -364,13 +411,17 @@ class SqliteSpool:
 
     async def purge(self, destinations: list[str], retention: float) -> int:
         """Remove calls every destination has read past (and older than
-        retention), a few rows a transaction (store.purge_step)."""
+        retention), a few rows a transaction (store.purge_step), and the
+        messageIds older than the dedup window."""
         removed, more = 0, True
         while more:
             n, size, more = await self.submit(lambda i: w.Purge(i, destinations, retention))
             self.bytes -= size
             self.rows -= n
             removed += n
+        if self.dedup_window > 0:
+            while await self.submit(lambda i: w.PurgeIds(i, self.dedup_window)) >= PURGE_IDS:
+                pass
         return removed
 
     async def check_writable(self) -> None:

@@ -30,7 +30,9 @@ from typing import Any
 import msgspec
 
 from gateway.spool.records import Ack
-from gateway.spool.store import Row, apply_ack, connect, cursor_of, insert, purge_step, rollback, totals
+from gateway.spool.store import (
+    Row, apply_ack, claim_ids, connect, cursor_of, insert, purge_ids, purge_step, rollback, totals,
+)
 
 HEADER = struct.Struct("<I")
 CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
@@ -38,8 +40,14 @@ RECV = 1 << 20
 
 
 class Insert(msgspec.Struct, tag=True, array_like=True):
+    """Rows to store.  With ``ids`` (the messageIds of each row's calls, or
+    empty lists), a call whose id was stored within ``window`` seconds is
+    left out; the result is (newest position, the left-out indexes of each row)."""
+
     id: int
     rows: list[Row]
+    ids: list[list[str | None]] = []
+    window: float = 0.0
 
 
 class Cursor(msgspec.Struct, tag=True, array_like=True):
@@ -62,7 +70,12 @@ class Check(msgspec.Struct, tag=True, array_like=True):
     id: int
 
 
-Request = Insert | Cursor | Acked | Purge | Check
+class PurgeIds(msgspec.Struct, tag=True, array_like=True):
+    id: int
+    window: float
+
+
+Request = Insert | Cursor | Acked | Purge | Check | PurgeIds
 
 
 class Reply(msgspec.Struct, array_like=True):
@@ -124,9 +137,30 @@ class Frames:
         return out
 
 
+def _insert_new(conn: sqlite3.Connection, req: Insert) -> tuple[int, list[list[int]]]:
+    """Insert rows without the calls whose messageId is already stored."""
+    now = time.time()
+    rows: list[Row] = []
+    left_out: list[list[int]] = []
+    for row, ids in zip(req.rows, req.ids):
+        dups = claim_ids(conn, ids, now, req.window) if ids else []
+        left_out.append(dups)
+        if not dups:
+            rows.append(row)
+        elif len(dups) < row[2]:
+            skip = set(dups)
+            calls = [c for i, c in enumerate(row[3].split(b"\n")) if i not in skip]
+            rows.append((row[0], row[1], len(calls), b"\n".join(calls)))
+    return (insert(conn, rows) if rows else 0), left_out
+
+
 def run(conn: sqlite3.Connection, req: Request) -> Any:
     if isinstance(req, Insert):
-        return insert(conn, req.rows)
+        if req.ids:
+            return _insert_new(conn, req)
+        return insert(conn, req.rows), []
+    if isinstance(req, PurgeIds):
+        return purge_ids(conn, req.window)
     if isinstance(req, Cursor):
         return cursor_of(conn, req.destination)
     if isinstance(req, Acked):
@@ -168,7 +202,7 @@ def run_group(conn: sqlite3.Connection, reqs: list[Request]) -> Committed:
                     replies.append(Reply(r.id, None, _transaction(conn, [r])[0]))
                 except Exception as e:  # noqa: BLE001
                     replies.append(Reply(r.id, _why(e), None))
-    last = max((rep.result for r, rep in zip(reqs, replies) if isinstance(r, Insert) and rep.error is None),
+    last = max((rep.result[0] for r, rep in zip(reqs, replies) if isinstance(r, Insert) and rep.error is None),
                default=0)
     return Committed(time.perf_counter() - started, replies, last)
 
