@@ -1,4 +1,9 @@
-"""``gateway serve|check|explain|dlq``."""
+"""``gateway serve|check|explain|dlq|replay``.
+
+Exit codes, for every command: 0 done; 1 it could not do what was asked
+(the port is taken, nothing matched, a call was rejected); 2 the config or
+the command line is wrong.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -24,11 +30,66 @@ def _load(path: str) -> Config:
     return config_mod.load(path)
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("event-gateway")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def banner(cfg: Config, host: str, port: int) -> str:
+    """What ``gateway serve`` serves, on one screen."""
+    from gateway.cli_output import human_duration, human_size, mask_key
+
+    tls = getattr(cfg.server, "tls", None)
+    scheme = "https" if tls else "http"
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"{scheme}://{shown_host}:{port}"
+    lines = [f"gateway {version()}: listening on {scheme}://{host}:{port}"]
+    default_strict = getattr(cfg.server, "strict", False)
+    lines.append("  sources:")
+    width = max((len(s.name) for s in cfg.sources), default=0)
+    first_key = None
+    for s in cfg.sources:
+        strict = s.strict if s.strict is not None else default_strict
+        kind = getattr(s, "kind", "pipelines")
+        if kind != "pipelines":
+            lines.append(f"    {s.name:<{width}}  {kind}")
+            continue
+        keys = ", ".join(mask_key(k) for k in s.write_keys)
+        lines.append(f"    {s.name:<{width}}  key {keys}  {'strict' if strict else 'lax'}")
+        first_key = first_key or (s.write_keys[0] if s.write_keys else None)
+    if not cfg.sources:
+        lines.append("    (none: every call is refused)")
+    lines.append("  destinations:")
+    width = max((len(d.name) for d in cfg.destinations), default=0)
+    for d in cfg.destinations:
+        lines.append(f"    {d.name:<{width}}  {d.type}{'' if d.enabled else ' (disabled)'}")
+    if not cfg.destinations:
+        lines.append("    (none: calls are stored and kept)")
+    st = cfg.storage
+    dedup = human_duration(st.dedup_window) if st.dedup_window > 0 else "off"
+    where = os.path.abspath(st.path) if st.backend == "sqlite" else st.backend
+    lines.append(f"  spool: {st.backend} at {where} (max {human_size(st.max_bytes)}, retention "
+                 f"{human_duration(st.retention)}, dedup window {dedup})")
+    admin = getattr(cfg.server, "admin", None)
+    if admin is not None:
+        lines.append(f"  debugger: {base}/debugger (user {admin.user})")
+    if first_key:
+        cacert = f" --cacert {tls.cert}" if tls else ""
+        lines.append("  try:")
+        lines.append(f"    curl{cacert} -u '{first_key}:' -H 'Content-Type: application/json' "
+                     f"-d '{{\"userId\":\"u-1\",\"event\":\"Signed Up\"}}' {base}/v1/track")
+    return "\n".join(lines)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(_pretty(msgspec.json.encode(obj), indent=2).decode() + "\n")
 
 
-async def _serve(app: "web.Application", host: str, port: int, cfg: Config) -> None:
+async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quiet: bool = False) -> None:
     import asyncio
     import signal
 
@@ -45,10 +106,11 @@ async def _serve(app: "web.Application", host: str, port: int, cfg: Config) -> N
     try:
         site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
         await site.start()
-        print(f"gateway: listening on http://{host}:{port} (spool {os.path.abspath(cfg.storage.path)})",
-              flush=True)
+        if not quiet:
+            print(banner(cfg, host, port), flush=True)
         await stop.wait()
-        print("gateway: stopping: no new connections; finishing requests and sends", flush=True)
+        if not quiet:
+            print("gateway: stopping: no new connections; finishing requests and sends", flush=True)
     finally:
         await runner.cleanup()
 
@@ -71,22 +133,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with runner:
         try:
-            runner.run(_serve(app, host, port, cfg))
+            runner.run(_serve(app, host, port, cfg, args.quiet))
         except (OSError, StorageFailed) as e:  # the port is taken, the spool cannot be opened
             print(f"gateway: cannot start: {e}", file=sys.stderr, flush=True)
             return 1
-    print("gateway: stopped", flush=True)
+    if not args.quiet:
+        print("gateway: stopped", flush=True)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.plugins import build
 
+    from gateway.cli_output import human_duration, human_size
+
     cfg = _load(args.config)
     built = build(cfg)
+    st = cfg.storage
     print(f"config {args.config}: OK")
-    print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {cfg.storage.path} "
-          f"(max {cfg.storage.max_bytes} bytes)")
+    print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {st.path} "
+          f"(max {human_size(st.max_bytes)}, retention {human_duration(st.retention)}, dedup window "
+          f"{human_duration(st.dedup_window) if st.dedup_window > 0 else 'off'})")
+    print(f"limits: {human_size(cfg.server.max_event_bytes)} a call, {human_size(cfg.server.max_batch_bytes)} "
+          "a batch request")
     print("sources:")
     for s in cfg.sources:
         print(f"  {s.name}: {len(s.write_keys)} write key(s), {'strict' if s.strict else 'lax'}")
@@ -129,9 +198,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if source is None:
         print(f"gateway explain: no source is named {args.source!r}", file=sys.stderr)
         return 2
-    kind = "batch" if isinstance(doc, dict) and "batch" in doc else (doc.get("type") if isinstance(doc, dict) else None)
-    if kind not in PATH_TYPES and kind not in BATCH_PATHS:
-        print("gateway explain: give one call with a \"type\" (or a batch)", file=sys.stderr)
+    kind, why = _explain_kind(args, doc)
+    if kind is None:
+        print(f"gateway explain: {why}", file=sys.stderr)
         return 2
     ingest = Ingest(cfg, built.source_transforms)
     try:
@@ -140,7 +209,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except RequestRejected as e:
         _print_json({"stored": False, "rejected": e.rejection})
         return 1
-    out: dict[str, Any] = {"source": source.name,
+    print(f"gateway explain: read as {kind if kind in BATCH_PATHS else PATH_TYPES[kind]} ({why}), with the "
+          f"rules of source {source.name!r} ({'strict' if source.strict else 'lax'})", file=sys.stderr)
+    out: dict[str, Any] = {"source": source.name, "mode": "strict" if source.strict else "lax",
                            "rejected": prepared.rejections, "dropped_by_source_transforms": prepared.dropped,
                            "calls": []}
     planners = [(b.config, b.destination, Planner(b.config, b.destination, b.transforms)) for b in built.destinations]
@@ -165,6 +236,106 @@ def cmd_explain(args: argparse.Namespace) -> int:
         out["calls"].append({"stored_as": call, "destinations": dests})
     _print_json(out)
     return 0
+
+
+def _explain_kind(args: argparse.Namespace, doc: Any) -> tuple[str | None, str]:
+    """The ingest endpoint a call is read as, and why: ``--path`` as ingest
+    reads it, ``--type``, a ``batch`` key, or the call's own ``type``."""
+    from gateway.events import BATCH_PATHS, PATH_TYPES
+
+    if args.path:
+        parts = args.path.strip("/").split("/")
+        if len(parts) == 2 and parts[0] == "v1" and (parts[1] in PATH_TYPES or parts[1] in BATCH_PATHS):
+            return parts[1], f"--path {args.path}"
+        return None, (f"--path {args.path!r} is no ingest endpoint (/v1/track, /v1/identify, ..., "
+                      "/v1/batch, or the short /v1/t, /v1/b, ...)")
+    if args.type:
+        if args.type in PATH_TYPES or args.type in BATCH_PATHS:
+            return args.type, f"--type {args.type}"
+        return None, f"--type {args.type!r} is no call type (identify, track, page, screen, group, alias, batch)"
+    if isinstance(doc, dict) and "batch" in doc:
+        return "batch", "it has a batch"
+    t = doc.get("type") if isinstance(doc, dict) else None
+    if t in PATH_TYPES:
+        return t, "its type"
+    return None, ("the call has no \"type\": say how it is sent with --type track (or identify, page, ...) "
+                  "or --path /v1/track, as ingest reads the type from the path")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from gateway.cli_output import Progress
+    from gateway.spool import ReplayFilter, open_archive
+
+    cfg = _load(args.config)
+    if not any(d.name == args.destination for d in cfg.destinations):
+        names = ", ".join(repr(d.name) for d in cfg.destinations) or "none"
+        print(f"gateway replay: no destination is named {args.destination!r} (the config has {names})",
+              file=sys.stderr)
+        return 2
+    now = time.time()
+    try:
+        since = parse_when(args.since, now) if args.since else 0.0
+        until = parse_when(args.until, now) if args.until else now
+    except ValueError as e:
+        print(f"gateway replay: {e}", file=sys.stderr)
+        return 2
+    f = ReplayFilter(since=since, until=until, source=args.source,
+                     types=frozenset(args.type or ()), events=frozenset(args.event or ()))
+    try:
+        archive = open_archive(cfg.storage)
+    except FileNotFoundError as e:
+        print(f"gateway replay: {e}", file=sys.stderr)
+        return 1
+    try:
+        held, oldest, newest = archive.held()
+        span = f"from {_when(since)} to {_when(until)}" + (f" from source {args.source!r}" if args.source else "")
+        if archive.cursor(args.destination) is None:
+            print(f"gateway replay: {args.destination!r} has not read the spool yet: nothing was delivered to "
+                  "it to replay", file=sys.stderr)
+            return 1
+        total = archive.candidates(f)
+        if not total:
+            if not held:
+                why = (f"the spool holds no calls (storage.retention is {cfg.storage.retention:g}s: "
+                       "delivered calls are removed that long after every destination read them)")
+            else:
+                why = f"the spool holds {held:,} calls, received from {_when(oldest)} to {_when(newest)}"
+            print(f"gateway replay: nothing retained {span}: {why}", file=sys.stderr)
+            return 1
+        progress = Progress("looked at" if args.dry_run else "queued", total)
+        result = archive.replay(args.destination, f, args.dry_run, lambda done, seen: progress.update(seen))
+        progress.finish()
+    finally:
+        archive.close()
+    verb = "would queue" if args.dry_run else "queued"
+    print(f"{verb} {result.matched:,} call(s) {span} for {args.destination!r}"
+          + ("" if args.dry_run else " (delivered again now, also while the server runs)"))
+    if result.not_yet_delivered:
+        print(f"left {result.not_yet_delivered:,} matching call(s) that {args.destination!r} has not reached "
+              "yet: they will be delivered once, in order", file=sys.stderr)
+    return 0 if result.matched else 1
+
+
+def parse_when(value: str, now: float) -> float:
+    """An ISO-8601 time, or a duration back from now (``90m``, ``24h``, ``7d``)."""
+    from gateway.config import parse_duration
+
+    try:
+        return now - float(parse_duration(value))
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is neither an ISO-8601 time (2026-11-30T14:00:00Z) nor a duration back "
+                         "from now (90m, 24h, 7d)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t or 0, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -205,21 +376,35 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
         return sp
 
+    p.add_argument("--version", action="version", version=f"gateway {version()}")
     s = with_config(sub.add_parser("serve", help="run the HTTP server and the delivery workers"))
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--quiet", action="store_true", help="print nothing but errors (for scripts)")
     s.set_defaults(func=cmd_serve)
     c = with_config(sub.add_parser("check", help="validate the config and list what it uses"))
     c.set_defaults(func=cmd_check)
     e = with_config(sub.add_parser("explain", help="show what each destination would receive for one call"))
     e.add_argument("file", nargs="?", help="a JSON call (or batch); - or nothing reads standard input")
     e.add_argument("--source", help="the source the call comes from (default: the first)")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--type", help="the call's type when its body has none (track, identify, ..., batch)")
+    how.add_argument("--path", help="the endpoint it is sent to, read as ingest does (/v1/track, /v1/b, ...)")
     e.set_defaults(func=cmd_explain)
     d = with_config(sub.add_parser("dlq", help="inspect and replay dead letters"))
     d.add_argument("action", choices=["list", "show", "replay"])
     d.add_argument("--destination")
     d.add_argument("--id", help="a messageId")
     d.set_defaults(func=cmd_dlq)
+    r = with_config(sub.add_parser("replay", help="queue the calls the spool still holds again for one destination"))
+    r.add_argument("--destination", required=True)
+    r.add_argument("--since", help="ISO-8601 time or a duration back from now (90m, 24h, 7d); default: the oldest")
+    r.add_argument("--until", help="ISO-8601 time or a duration back from now; default: now")
+    r.add_argument("--source")
+    r.add_argument("--type", action="append", help="a call type; may be given more than once")
+    r.add_argument("--event", action="append", help="a track event name; may be given more than once")
+    r.add_argument("--dry-run", action="store_true", help="print how many calls would be queued; queue nothing")
+    r.set_defaults(func=cmd_replay)
     return p
 
 

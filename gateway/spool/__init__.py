@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from gateway.config import StorageConfig
-from gateway.spool.interface import DeadLetterStore, Spool
+from gateway.spool.interface import CallArchive, DeadLetterStore, ReplayFilter, ReplayResult, Spool
 from gateway.spool.records import Ack, DeadLetter, Pending, Record, SpoolFull, StorageFailed
 
 
@@ -31,5 +31,13 @@ def open_dead_letters(storage: StorageConfig) -> DeadLetterStore:
     return SqliteDeadLetters(storage.path)
 
 
-__all__ = ["Ack", "DeadLetter", "DeadLetterStore", "Pending", "Record", "Spool", "SpoolFull", "StorageFailed",
+def open_archive(storage: StorageConfig) -> CallArchive:
+    """The configured backend's retained calls; FileNotFoundError when
+    nothing was ever stored there."""
+    from gateway.spool.sqlite_replay import SqliteArchive
+
+    return SqliteArchive(storage.path)
+
+
+__all__ = ["CallArchive", "ReplayFilter", "ReplayResult", "open_archive", "Ack", "DeadLetter", "DeadLetterStore", "Pending", "Record", "Spool", "SpoolFull", "StorageFailed",
            "open_dead_letters", "spool_for"]

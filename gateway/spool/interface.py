@@ -5,7 +5,9 @@ backend passes."""
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
+
+import msgspec
 
 from gateway.spool.records import Ack, DeadLetter, Pending, Record
 
@@ -78,3 +80,42 @@ class DeadLetterStore(Protocol):
 
     def close(self) -> None:
         """Release the store."""
+
+
+class ReplayFilter(msgspec.Struct, kw_only=True):
+    """Which retained calls ``gateway replay`` queues again."""
+
+    since: float  # receive time, Unix seconds, inclusive
+    until: float
+    source: str | None = None
+    types: frozenset[str] = frozenset()
+    events: frozenset[str] = frozenset()
+
+
+class ReplayResult(msgspec.Struct):
+    """What a replay found: calls looked at, queued (or, in a dry run, that
+    would be), and matching calls the destination had not reached yet."""
+
+    seen: int = 0
+    matched: int = 0
+    not_yet_delivered: int = 0
+
+
+class CallArchive(Protocol):
+    """The calls a spool still holds (``storage.retention``), for ``gateway replay``."""
+
+    def held(self) -> tuple[int, float | None, float | None]:
+        """(calls held, receive time of the oldest, of the newest)."""
+
+    def cursor(self, destination: str) -> int | None:
+        """The destination's read position; None if it never read the spool."""
+
+    def candidates(self, f: ReplayFilter) -> int:
+        """Calls received in the filter's time range (and source)."""
+
+    def replay(self, destination: str, f: ReplayFilter, dry_run: bool = False,
+               progress: Callable[[int, int], None] = lambda done, seen: None) -> ReplayResult:
+        """Queue the matching calls again for ``destination``, due now."""
+
+    def close(self) -> None:
+        """Release the archive."""
