@@ -41,7 +41,8 @@ def version() -> str:
 
 def banner(cfg: Config, host: str, port: int) -> str:
     """What ``gateway serve`` serves, on one screen."""
-    from gateway.cli_output import human_duration, human_size, mask_key
+    from gateway.cli_output import mask_key
+    from gateway.units import human_duration, human_size
 
     tls = getattr(cfg.server, "tls", None)
     scheme = "https" if tls else "http"
@@ -145,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.plugins import build
 
-    from gateway.cli_output import human_duration, human_size
+    from gateway.units import human_duration, human_size
 
     cfg = _load(args.config)
     built = build(cfg)

@@ -1,6 +1,5 @@
-"""How the command line prints: human sizes and durations, masked keys,
-and progress for long commands (a live line on a terminal, plain lines
-otherwise)."""
+"""How the command line prints: masked keys, and progress for long commands
+(a live line on a terminal, plain lines otherwise)."""
 
 from __future__ import annotations
 
@@ -8,30 +7,7 @@ import sys
 import time
 from typing import TextIO
 
-_SIZE_UNITS = ((1024**4, "TiB"), (1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB"))
-
-
-def human_size(n: float) -> str:
-    """``10737418240`` -> ``10 GiB``; ``65536`` -> ``64 KiB``; ``500`` -> ``500 B``."""
-    for size, unit in _SIZE_UNITS:
-        if n >= size:
-            v = n / size
-            return f"{v:.0f} {unit}" if v == int(v) or v >= 100 else f"{v:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def human_duration(seconds: float) -> str:
-    """``86400`` -> ``24h``; ``5400`` -> ``1h30m``; ``0.5`` -> ``0.5s``; ``0`` -> ``0s``."""
-    if seconds < 60:
-        return f"{seconds:g}s" if seconds < 10 else f"{seconds:.0f}s"
-    out = []
-    rest = int(round(seconds))
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m"), (1, "s")):
-        if rest >= size:
-            out.append(f"{rest // size}{unit}")
-            rest %= size
-    return "".join(out[:2])
-
+from gateway.units import human_duration
 
 def mask_key(key: str) -> str:
     """``demo-write-key`` -> ``demo-…-key``: enough to tell keys apart, not to use one."""

@@ -46,6 +46,19 @@ def parse_size(value: Any) -> ByteSize:
     return ByteSize(int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()]))
 
 
+class ReserveSize(int):
+    """``storage.min_free_bytes``: a size, or ``auto`` (written -1): a share of the filesystem."""
+
+
+AUTO_RESERVE = ReserveSize(-1)
+
+
+def parse_reserve(value: Any) -> ReserveSize:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_RESERVE
+    return ReserveSize(parse_size(value))
+
+
 class Duration(float):
     """Seconds, written as ``3600``, ``90m``, ``24h`` or ``7d``."""
 
@@ -72,6 +85,8 @@ def _dec_hook(type_: type, obj: Any) -> Any:
         return parse_size(obj)
     if type_ is Duration:
         return parse_duration(obj)
+    if type_ is ReserveSize:
+        return parse_reserve(obj)
     raise NotImplementedError
 
 
@@ -107,6 +122,10 @@ class StorageConfig(Base):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "./data"
     max_bytes: ByteSize = ByteSize(10 * 1024**3)
+    #: below this much free space on the spool's filesystem new calls get 503,
+    #: so that acks, retries, dead letters, purges and checkpoints always
+    #: have room; auto: a share of the filesystem (gateway/spool/disk_room.py)
+    min_free_bytes: ReserveSize = AUTO_RESERVE
     #: seconds a delivered call stays in the spool before it is removed
     retention: float = 0.0
     #: a call whose messageId was stored within this window is answered 200

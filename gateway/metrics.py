@@ -80,6 +80,10 @@ class GatewayCollector:
         yield GaugeMetricFamily("gateway_spool_calls", "Calls held in the spool", value=self.spool.rows)
         yield GaugeMetricFamily("gateway_spool_bytes", "Bytes of calls held in the spool", value=self.spool.bytes)
         yield GaugeMetricFamily("gateway_spool_max_bytes", "storage.max_bytes", value=self.spool.max_bytes)
+        yield GaugeMetricFamily("gateway_spool_free_bytes", "Free bytes on the spool's filesystem (free pages "
+                                "of the spool file included)", value=self.spool.free_bytes)
+        yield GaugeMetricFamily("gateway_spool_min_free_bytes", "storage.min_free_bytes: below it the spool "
+                                "refuses calls", value=self.spool.min_free_bytes)
         yield CounterMetricFamily("gateway_spool_writer_restarts", "Times the spool's writer process died "
                                   "and another was started", value=self.spool.restarts)
         buckets, acc = [], 0
@@ -94,6 +98,8 @@ class GatewayCollector:
                                              labels=["destination"]),
             "retried": CounterMetricFamily("gateway_destination_retried", "Calls scheduled for a retry",
                                            labels=["destination"]),
+            "replayed": CounterMetricFamily("gateway_destination_replayed", "Calls queued again by gateway "
+                                            "replay or gateway dlq replay, as they came due", labels=["destination"]),
         }
         dead = CounterMetricFamily("gateway_destination_dead_letters", "Calls dead-lettered, by reason",
                                    labels=["destination", "reason"])
@@ -114,6 +120,7 @@ class GatewayCollector:
             s = w.stats
             per["delivered"].add_metric([w.name], s.delivered)
             per["retried"].add_metric([w.name], s.retried)
+            per["replayed"].add_metric([w.name], s.replayed)
             for k, n in sorted(s.dead.items()):
                 dead.add_metric([w.name, k], n)
             for k, n in sorted(s.skipped.items()):

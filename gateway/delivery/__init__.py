@@ -16,7 +16,7 @@ import logging
 from gateway.activity import ActivityFeed
 from gateway.delivery.worker import Worker
 from gateway.plugins import Built
-from gateway.spool import Spool
+from gateway.spool import Spool, StorageFailed
 
 log = logging.getLogger("gateway.delivery")
 
@@ -44,14 +44,24 @@ class Delivery:
 
     async def _purge_loop(self) -> None:
         names = [w.name for w in self.workers if w.dc.enabled]
+        failing = False
         while True:
             await asyncio.sleep(HOUSEKEEPING_EVERY)
             try:
                 await self.spool.purge(names, self.retention)
                 for w in self.workers:
                     w.stats.backlog, w.stats.retry_backlog, w.stats.oldest = await self.spool.stats(w.name)
+            except StorageFailed as e:  # a full disk: said once, tried again every turn
+                if not failing:
+                    log.warning("spool housekeeping fails (%s); trying again every %.0fs", e, HOUSEKEEPING_EVERY)
+                failing = True
+                continue
             except Exception:  # noqa: BLE001
                 log.exception("spool housekeeping failed")
+                continue
+            if failing:
+                log.warning("spool housekeeping works again")
+                failing = False
 
     async def stop(self, timeout: float) -> None:
         if self._purger is not None:

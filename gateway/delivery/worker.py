@@ -17,13 +17,13 @@ import time
 
 from gateway.activity import ActivityFeed
 from gateway.delivery.batching import Batcher, Item
-from gateway.delivery.planner import Planner
+from gateway.delivery.planner import Plan, Planner
 from gateway.delivery.recorder import Recorder
 from gateway.delivery.sender import Sender
 from gateway.delivery.stats import Stats
 from gateway.loop_share import Pacer
 from gateway.plugins import BuiltDestination
-from gateway.spool import Ack, DeadLetter, Pending, Record, Spool
+from gateway.spool import Ack, DeadLetter, Pending, Record, Spool, StorageFailed
 
 log = logging.getLogger("gateway.delivery")
 
@@ -35,6 +35,10 @@ YIELD_EVERY = 100  # calls planned between looks at the Pacer's clock
 RETRY_POLL = 1.0
 #: retry times a worker remembers; past that, retries wait for the next poll
 RETRY_TIMES_MAX = 10_000
+#: how a retry entry queued by a replay begins its reason (spool/sqlite_replay.py, dead letters)
+REPLAYED = "replayed"
+#: seconds between tries at storing an Ack the spool refused (a full disk)
+ACK_RETRY_MIN, ACK_RETRY_MAX = 0.1, 2.0
 
 
 class Worker:
@@ -53,6 +57,7 @@ class Worker:
         #: (position it reads after, the read) of the next window, read ahead
         self.prefetch: tuple[int, asyncio.Future[list[Record]]] | None = None
         self.ack_pending: asyncio.Future[None] | None = None
+        self.ack_sent = Ack(self.name)  # what ack_pending stores
         #: when the retries this worker scheduled are due (a min-heap)
         self.retry_times: list[float] = []
         #: its last read filled a window: a backlog (loop_share gives it turns)
@@ -147,15 +152,34 @@ class Worker:
 
     async def _acked(self) -> None:
         """Wait for the last step's transaction (it runs while the next step
-        reads and sends)."""
+        reads and sends).  One that fails (a full disk) is stored again, the
+        same Ack, until it is: answering it by sending the window again would
+        deliver every call of it twice, and the cursor could never move."""
         pending, self.ack_pending = self.ack_pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             await pending
+            return
+        except StorageFailed as e:
+            log.warning("%s: could not store what was delivered (%s); storing it again", self.name, e)
+        delay = ACK_RETRY_MIN
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.spool.ack(self.ack_sent)
+            except StorageFailed as e:
+                delay = min(ACK_RETRY_MAX, delay * 2)
+                log.debug("%s: storing an ack failed again: %s", self.name, e)
+                continue
+            log.warning("%s: what was delivered is stored; delivery goes on", self.name)
+            return
 
     async def _ack(self, ack: Ack, wake: list[float]) -> None:
         for at in wake:
             self._remember_retry(at)
         await self._acked()
+        self.ack_sent = ack
         self.ack_pending = asyncio.ensure_future(self.spool.ack(ack))
 
     def _retry_due(self, now: float) -> bool:
@@ -188,7 +212,7 @@ class Worker:
 
     async def _deliver_records(self, records: list[Record]) -> int:
         items: list[Item] = []
-        planned: list[tuple[Record, DeadLetter | str]] = []  # dead letters and skip reasons
+        planned: list[tuple[Record, DeadLetter | Plan]] = []  # dead letters and skips
         now = time.time()
         planner, recorder = self.planner, self.recorder
         as_stored = planner.as_stored  # the common case costs no Plan
@@ -205,7 +229,7 @@ class Worker:
             elif p.error is not None:
                 planned.append((r, recorder.dead(r, p.error, None, "", 0, now, count=False)))
             else:
-                planned.append((r, p.skip_reason))
+                planned.append((r, p))
         if len(records) >= READ_WINDOW:  # more is waiting: read it while this window is sent
             self.prefetch = (records[-1].seq, asyncio.ensure_future(self.spool.read(records[-1].seq, READ_WINDOW)))
         results = await self.sender.send_all(self.batcher.batches(items))
@@ -218,7 +242,7 @@ class Worker:
                 recorder.count_dead(what)
                 ack.dead.append(what)
             else:
-                recorder.skipped(r, what)
+                recorder.skipped(r, what.skip_reason, what.refused)
         wake = recorder.record_all(results, ack, cut)
         await self._ack(ack, wake)
         self.position = ack.cursor if ack.cursor is not None else self.position
@@ -232,6 +256,8 @@ class Worker:
         for i, pend in enumerate(due):
             if i and not i % YIELD_EVERY:
                 await pacer.pace()
+            if pend.attempts == 0 and pend.reason.startswith(REPLAYED):
+                self.stats.replayed += 1
             p = self.planner.plan(pend.data, pend.source)
             if p.payload is not None:
                 items.append(Item(pend.seq, pend.source, pend.data, p.payload, pend))
@@ -240,7 +266,7 @@ class Worker:
             if p.error is not None:
                 ack.dead.append(self.recorder.dead(pend, p.error, None, "", pend.attempts, now))
             else:
-                self.recorder.skipped(pend, p.skip_reason)
+                self.recorder.skipped(pend, p.skip_reason, p.refused)
         wake = self.recorder.record_all(await self.sender.send_all(self.batcher.batches(items)), ack)
         await self._ack(ack, wake)
         return len(due)

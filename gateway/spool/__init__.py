@@ -20,7 +20,8 @@ def spool_for(storage: StorageConfig, on_commit: Callable[[float], None] = lambd
     ``on_commit`` hears each group commit's duration in seconds."""
     from gateway.spool.sqlite import SqliteSpool
 
-    return SqliteSpool(storage.path, int(storage.max_bytes), on_commit, float(storage.dedup_window))
+    return SqliteSpool(storage.path, int(storage.max_bytes), on_commit, float(storage.dedup_window),
+                       int(storage.min_free_bytes))
 
 
 def open_dead_letters(storage: StorageConfig) -> DeadLetterStore:

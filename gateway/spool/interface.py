@@ -25,6 +25,9 @@ class Spool(Protocol):
     max_bytes: int
     #: times the backend lost its storage process and started another
     restarts: int
+    #: free bytes where the spool writes, and the reserve below which it refuses calls
+    free_bytes: int
+    min_free_bytes: int
 
     async def open(self) -> None:
         """Make ready; raises StorageFailed when the storage cannot be opened."""
@@ -35,8 +38,8 @@ class Spool(Protocol):
     def subscribe(self) -> asyncio.Event:
         """An event set whenever new calls are stored."""
 
-    def has_room(self, size: int = 1) -> bool:
-        """Whether ``size`` more bytes of calls would be taken now."""
+    def room_problem(self, size: int = 1) -> str | None:
+        """Why ``size`` more bytes of calls would be refused now (503), if they would."""
 
     async def append(self, source: str, rows: list[bytes], ids: list[str | None] | None = None) -> int:
         """Store calls of one source durably; returns once they are, with how

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from gateway.spool import writer as w
+from gateway.spool.disk_room import DiskRoom
 from gateway.spool.records import Ack, Pending, Record, SpoolFull, StorageFailed
 from gateway.spool.sqlite_reads import SplitCache, read_after
 from gateway.spool.store import FILE, PURGE_IDS, ROW_CALLS, SPAN, Row, connect, segments
@@ -99,7 +100,8 @@ class SqliteSpool:
     """The spool backend used by default (``storage.backend: sqlite``)."""
 
     def __init__(self, path: str | Path, max_bytes: int,
-                 on_commit: Callable[[float], None] = lambda seconds: None, dedup_window: float = 0.0) -> None:
+                 on_commit: Callable[[float], None] = lambda seconds: None, dedup_window: float = 0.0,
+                 min_free_bytes: int = -1) -> None:
         self.dir = Path(path)
         self.file = self.dir / FILE
         self.max_bytes = max_bytes
@@ -112,6 +114,8 @@ class SqliteSpool:
         self.on_commit = on_commit
         #: seconds a stored messageId keeps a call with the same id out (0: off)
         self.dedup_window = dedup_window
+        #: free space on the spool's filesystem, against storage.min_free_bytes
+        self.room = DiskRoom(self.dir, min_free_bytes, self._reusable_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None  # None while no writer answers
         self._proc: subprocess.Popen[bytes] | None = None
@@ -143,6 +147,25 @@ class SqliteSpool:
         self._rconn = connect(self.file, readonly=True)
         self._lconn = connect(self.file, readonly=True)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
+        self._page_size = int(self._lconn.execute("PRAGMA page_size").fetchone()[0])
+        self.room.look()
+
+    def _reusable_bytes(self) -> int:
+        """Free pages inside the spool file: SQLite fills them before it grows the file."""
+        if self._lconn is None:
+            return 0
+        try:
+            return int(self._lconn.execute("PRAGMA freelist_count").fetchone()[0]) * self._page_size
+        except sqlite3.Error:
+            return 0
+
+    @property
+    def free_bytes(self) -> int:
+        return self.room.left()
+
+    @property
+    def min_free_bytes(self) -> int:
+        return self.room.reserve
 
     async def _start_writer(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -280,9 +303,11 @@ class SqliteSpool:
 
     # -- ingest -----------------------------------------------------------
 
-    def has_room(self, size: int = 1) -> bool:
-        """Whether ``size`` more bytes of calls fit."""
-        return self.bytes + size <= self.max_bytes
+    def room_problem(self, size: int = 1) -> str | None:
+        """Why ``size`` more bytes of calls would be refused now, if they would."""
+        if self.bytes + size > self.max_bytes:
+            return f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}"
+        return self.room.problem(size)
 
     async def append(self, source: str, rows: list[bytes], ids: list[str | None] | None = None) -> int:
         """Store calls; returns once they are committed and fsync'd, with how
@@ -294,8 +319,9 @@ class SqliteSpool:
         if not rows:
             return 0
         size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
-        if self.bytes + size > self.max_bytes:
-            raise SpoolFull(f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}")
+        problem = self.room_problem(size)
+        if problem is not None:
+            raise SpoolFull(problem)
         if self._link is None:
             raise StorageFailed("the spool writer is not running")
         assert self._loop is not None
@@ -308,6 +334,7 @@ class SqliteSpool:
             self._flush_queued = True
             self._loop.call_soon(self._flush)
         self.bytes += size
+        self.room.took(size)
         try:
             left_out = await waiter
         except BaseException:

@@ -211,12 +211,20 @@ def _checkpoints(file: Path, stop: threading.Event) -> None:
     """Copy the WAL into the database now and then, beside the writer: done
     by the writer, a checkpoint's fsync would stall its group for tens of ms."""
     conn = connect(file, readonly=True)
+    failing = False  # said once when checkpoints start failing (a full disk), once when they work again
     try:
         while not stop.wait(CHECKPOINT_EVERY):
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as e:
-                print(f"gateway spool writer: checkpoint failed: {e}", file=sys.stderr)
+                if not failing:
+                    print(f"gateway spool writer: checkpoints fail ({e}); trying again every "
+                          f"{CHECKPOINT_EVERY}s", file=sys.stderr)
+                failing = True
+                continue
+            if failing:
+                print("gateway spool writer: checkpoints work again", file=sys.stderr)
+                failing = False
     finally:
         conn.close()
 
