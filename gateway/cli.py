@@ -340,6 +340,7 @@ def _when(t: float | None) -> str:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
+    from gateway.cli_output import Progress
     from gateway.spool import open_dead_letters
 
     cfg = _load(args.config)
@@ -360,7 +361,9 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             letters = store.list(args.destination, args.id)
             _print_json([{**msgspec.structs.asdict(x), "data": msgspec.json.decode(x.data)} for x in letters])
         else:
-            letters = store.replay(args.destination, args.id)
+            progress = Progress("replayed")
+            letters = store.replay(args.destination, args.id, lambda done, total: progress.update(done, total))
+            progress.finish()
             print(f"replayed {len(letters)} dead letter(s): queued for delivery now")
         if not letters and args.action != "list":
             return 1

@@ -42,8 +42,10 @@ class Progress:
             text += f", about {human_duration((self.total - self.done) / rate)} left"
         return text + ")"
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, total: int | None = None) -> None:
         self.done = done
+        if total is not None:
+            self.total = total
         now = time.monotonic()
         if now - self.shown >= self.every:
             self.shown = now

@@ -78,8 +78,10 @@ class DeadLetterStore(Protocol):
     def list(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first, filtered by destination and messageId."""
 
-    def replay(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
-        """Put dead letters back in their destination's queue, due now; returns them."""
+    def replay(self, destination: str | None = None, message_id: str | None = None,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> list[DeadLetter]:
+        """Put dead letters back in their destination's queue, due now; returns
+        them.  ``progress(done, total)`` hears how far it is."""
 
     def close(self) -> None:
         """Release the store."""

@@ -12,7 +12,7 @@ from typing import Callable
 from gateway.activity import summarize
 from gateway.spool.interface import ReplayFilter, ReplayResult
 from gateway.spool.records import Ack, Pending
-from gateway.spool.store import FILE, SPAN, apply_ack, connect, rollback
+from gateway.spool.store import SPAN, apply_ack, connect_existing, rollback
 
 QUEUE_EVERY = 5000  # calls queued a transaction
 
@@ -21,10 +21,7 @@ class SqliteArchive:
     """The ``CallArchive`` of the SQLite backend."""
 
     def __init__(self, path: str | Path) -> None:
-        file = Path(path) / FILE
-        if not file.exists():
-            raise FileNotFoundError(f"no spool at {file}")
-        self.conn = connect(file)
+        self.conn = connect_existing(path)
 
     def close(self) -> None:
         self.conn.close()

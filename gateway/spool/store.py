@@ -94,6 +94,15 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def connect_existing(directory: str | Path) -> sqlite3.Connection:
+    """A write connection to the spool of ``directory``, for the command line
+    beside a running server; FileNotFoundError when nothing was stored there."""
+    file = Path(directory) / FILE
+    if not file.exists():
+        raise FileNotFoundError(f"no spool at {file}")
+    return connect(file)
+
+
 def totals(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """(calls stored, their bytes with a separator each, the last position)."""
     rows, size = conn.execute(
