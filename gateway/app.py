@@ -16,6 +16,7 @@ from gateway import app_state as state
 from gateway.activity import ActivityFeed
 from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_document
 from gateway.config import Config
+from gateway.debugger import setup_debugger_routes
 from gateway.delivery import Delivery
 from gateway.events import BATCH_PATHS, PATH_TYPES
 from gateway.http_body import read_body
@@ -210,8 +211,9 @@ class Handlers:
     async def ready(self, request: web.Request) -> web.Response:
         spool = self.spool
         problems = []
-        if not spool.has_room(self.cfg.server.max_event_bytes):
-            problems.append(f"spool full ({spool.bytes} of {spool.max_bytes} bytes)")
+        full = spool.room_problem(self.cfg.server.max_event_bytes)
+        if full is not None:
+            problems.append(f"the spool refuses calls: {full}")
         try:
             async with asyncio.timeout(2.0):
                 await spool.check_writable()
@@ -242,6 +244,7 @@ def setup_routes(app: web.Application, handlers: Handlers) -> None:
     r.add_get("/health", h.observed("/health", h.health))
     r.add_get("/ready", h.observed("/ready", h.ready))
     r.add_get("/metrics", h.observed("/metrics", h.metrics))
+    setup_debugger_routes(app)
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -263,7 +266,12 @@ def create_app(cfg: Config) -> web.Application:
     app[state.ACTIVITY] = feed
     app[state.INGEST_SHARE] = IngestShare(contended=delivery.behind)
     app[state.METRICS] = registry_for(counters, spool, delivery.workers)
-    setup_routes(app, Handlers(app))
+    handlers = Handlers(app)
+    setup_routes(app, handlers)
+    if any(s.kind == "track_api" for s in cfg.sources):
+        from gateway.track_api.routes import setup_track_api_routes  # it imports this module
+
+        setup_track_api_routes(app, handlers)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -21,6 +21,8 @@ from gateway import config as config_mod
 from gateway.config import Config, ConfigError
 
 if TYPE_CHECKING:
+    import ssl
+
     from aiohttp import web
 
 _pretty = msgspec.json.format
@@ -90,7 +92,8 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(_pretty(msgspec.json.encode(obj), indent=2).decode() + "\n")
 
 
-async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quiet: bool = False) -> None:
+async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quiet: bool = False,
+                 ssl_context: "ssl.SSLContext | None" = None) -> None:
     import asyncio
     import signal
 
@@ -105,7 +108,7 @@ async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quie
                            access_log=logging.getLogger("aiohttp.access") if cfg.server.access_log else None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True)
+        site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         if not quiet:
             print(banner(cfg, host, port), flush=True)
@@ -124,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
+    from gateway.tls import server_ssl_context
+
+    ssl_context = server_ssl_context(cfg)  # a ConfigError naming server.tls before the port is bound
     app = create_app(cfg)
     try:
         import uvloop  # optional: the [fast] extra
@@ -134,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with runner:
         try:
-            runner.run(_serve(app, host, port, cfg, args.quiet))
+            runner.run(_serve(app, host, port, cfg, args.quiet, ssl_context))
         except (OSError, StorageFailed) as e:  # the port is taken, the spool cannot be opened
             print(f"gateway: cannot start: {e}", file=sys.stderr, flush=True)
             return 1
@@ -159,6 +165,9 @@ def cmd_check(args: argparse.Namespace) -> int:
           "a batch request")
     print("sources:")
     for s in cfg.sources:
+        if s.kind == "track_api":
+            print(f"  {s.name}: Track API, site id {s.track_api.site_id if s.track_api else '?'}")
+            continue
         print(f"  {s.name}: {len(s.write_keys)} write key(s), {'strict' if s.strict else 'lax'}")
     print("transforms (before the spool):")
     for t in cfg.transforms:
@@ -198,6 +207,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     source = next((s for s in cfg.sources if s.name == args.source), None) if args.source else cfg.sources[0]
     if source is None:
         print(f"gateway explain: no source is named {args.source!r}", file=sys.stderr)
+        return 2
+    if source.kind != "pipelines":
+        print(f"gateway explain: source {source.name!r} is a {source.kind} source; explain takes Pipelines calls "
+              "(give --source)", file=sys.stderr)
         return 2
     kind, why = _explain_kind(args, doc)
     if kind is None:

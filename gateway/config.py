@@ -14,7 +14,7 @@ import os
 import re
 import weakref
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import msgspec
 import yaml
@@ -101,6 +101,13 @@ class AdminConfig(Base):
     password: str
 
 
+class TlsConfig(Base):
+    """``server.tls``: serve HTTPS on the same port (PEM files, read at ``gateway serve``)."""
+
+    cert: str
+    key: str
+
+
 class ServerConfig(Base):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -114,12 +121,36 @@ class ServerConfig(Base):
     #: seconds SIGTERM waits for in-flight requests and sends
     shutdown_timeout: float = 10.0
     access_log: bool = False
+    tls: TlsConfig | None = None
     #: the debugger's credentials; None: every /debugger path answers 404
     admin: AdminConfig | None = None
 
 
+class NatsConfig(Base):
+    """``storage.nats``: the JetStream cluster of ``storage.backend: nats``
+    (gateway/spool/nats.py)."""
+
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    #: prefix of every stream and consumer the gateway creates
+    stream: str = "GATEWAY"
+    #: copies of each stream; 3 survives the loss of any one node
+    replicas: int = 3
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    #: a .creds file (JWT and NKey seed)
+    creds: str | None = None
+    #: CA certificate(s) that signed the servers' TLS certificates
+    tls_ca: str | None = None
+    #: a destination no running gateway has had in its config for this long
+    #: loses its consumers (its read position and its queued retries)
+    cleanup_after: Duration = Duration(3600)
+
+
 class StorageConfig(Base):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "nats"] = "sqlite"
+    #: backend: nats only
+    nats: NatsConfig | None = None
     path: str = "./data"
     max_bytes: ByteSize = ByteSize(10 * 1024**3)
     #: below this much free space on the spool's filesystem new calls get 503,
@@ -133,9 +164,20 @@ class StorageConfig(Base):
     dedup_window: Duration = Duration(24 * 3600)
 
 
+class TrackApiConfig(Base):
+    """The Basic ``SITE_ID:API_KEY`` a ``kind: track_api`` source accepts."""
+
+    site_id: str
+    api_key: str
+
+
 class SourceConfig(Base):
     name: str
-    write_keys: list[str]
+    #: pipelines: the Pipelines API with write keys; track_api: Customer.io's
+    #: classic Track API (docs/track-api-coming-in.md)
+    kind: Literal["pipelines", "track_api"] = "pipelines"
+    write_keys: list[str] = msgspec.field(default_factory=list)
+    track_api: TrackApiConfig | None = None
     strict: bool = False
     #: browser origins allowed for this source; falls back to server.cors_origins
     cors_origins: list[str] | None = None
@@ -346,10 +388,16 @@ def check(cfg: Config, root: yaml.Node | None = None) -> None:
         fail("$.server.admin", "needs a user and a password that are not empty")
     seen: set[str] = set()
     keys: set[str] = set()
+    credentials: set[tuple[str, str]] = set()
     for i, s in enumerate(cfg.sources):
         if s.name in seen:
             fail(f"$.sources[{i}].name", f"source name {s.name!r} is used twice")
         seen.add(s.name)
+        if s.kind == "track_api":
+            _check_track_api_source(s, i, fail, credentials)
+            continue
+        if s.track_api is not None:
+            fail(f"$.sources[{i}].track_api", "only a source of kind: track_api takes track_api")
         if not s.write_keys:
             fail(f"$.sources[{i}].write_keys", "a source needs at least one write key")
         for k in s.write_keys:
@@ -370,3 +418,65 @@ def check(cfg: Config, root: yaml.Node | None = None) -> None:
                 fail(f"$.destinations[{i}].filter.sources", f"no source is named {s!r}")
     if cfg.server.max_event_bytes > cfg.server.max_batch_bytes:
         fail("$.server.max_event_bytes", "may not be larger than server.max_batch_bytes")
+    if cfg.server.tls is not None:
+        for part in ("cert", "key"):
+            if not getattr(cfg.server.tls, part):
+                fail(f"$.server.tls.{part}", "needs the path of a PEM file")
+    _check_nats(cfg.storage, fail)
+
+
+NATS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+NATS_URL = re.compile(r"^(nats|tls|ws|wss)://[^\s/]+$")
+
+
+def _check_nats(storage: StorageConfig, fail: Any) -> None:
+    """``storage.nats`` is there exactly when ``storage.backend`` is nats, and usable."""
+    n = storage.nats
+    if storage.backend != "nats":
+        if n is not None:
+            fail("$.storage.nats", "is for storage.backend: nats (the backend is sqlite)")
+        return
+    if n is None:
+        fail("$.storage.backend", "nats needs storage.nats (servers, stream, replicas)")
+        return
+    if not n.servers:
+        fail("$.storage.nats.servers", "needs at least one server, such as nats://10.0.0.1:4222")
+    for i, url in enumerate(n.servers):
+        if not NATS_URL.match(url):
+            fail(f"$.storage.nats.servers[{i}]", f"{url!r} is not a server URL such as nats://10.0.0.1:4222")
+    if not NATS_NAME.match(n.stream):
+        fail("$.storage.nats.stream", f"{n.stream!r}: 1 to 32 letters, digits, '_' or '-'")
+    if not 1 <= n.replicas <= 5:
+        fail("$.storage.nats.replicas", "must be 1 to 5 (JetStream keeps at most 5 copies)")
+    if (n.user is None) != (n.password is None):
+        fail("$.storage.nats.user" if n.user is not None else "$.storage.nats.password",
+             "user and password go together")
+    if sum(x is not None for x in (n.user, n.token, n.creds)) > 1:
+        fail("$.storage.nats.token" if n.token is not None else "$.storage.nats.creds",
+             "give one of user/password, token or creds")
+    for key in ("creds", "tls_ca"):
+        path = getattr(n, key)
+        if path is not None and not os.path.isfile(path):
+            fail(f"$.storage.nats.{key}", f"no such file: {path}")
+    if n.cleanup_after < 1:
+        fail("$.storage.nats.cleanup_after", "must be at least 1 second (an hour is the default)")
+
+
+def _check_track_api_source(s: SourceConfig, i: int, fail: Callable[[str, str], None],
+                            credentials: set[tuple[str, str]]) -> None:
+    """A track_api source authenticates with its site id and API key, never with write keys."""
+    if s.write_keys:
+        fail(f"$.sources[{i}].write_keys", "a track_api source has no write keys "
+             "(Track clients send track_api.site_id and track_api.api_key)")
+    if s.track_api is None:
+        fail(f"$.sources[{i}].kind", "a track_api source needs track_api: {site_id: ..., api_key: ...}")
+    assert s.track_api is not None  # fail() raised
+    for part in ("site_id", "api_key"):
+        if not getattr(s.track_api, part):
+            fail(f"$.sources[{i}].track_api.{part}", "may not be empty")
+    if ":" in s.track_api.site_id:
+        fail(f"$.sources[{i}].track_api.site_id", "may not contain ':' (Basic auth splits SITE_ID:API_KEY there)")
+    pair = (s.track_api.site_id, s.track_api.api_key)
+    if pair in credentials:
+        fail(f"$.sources[{i}].track_api", "a site id and API key may belong to one source only")
+    credentials.add(pair)

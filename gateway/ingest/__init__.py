@@ -35,6 +35,14 @@ class Prepared(msgspec.Struct):
     #: calls left out because an earlier call of the same request had their messageId
     duplicates: int = 0
 
+    def merge(self, other: "Prepared") -> None:
+        """Add another part of the same request (the operations of a Track batch)."""
+        self.rows += other.rows
+        self.rejections += other.rejections
+        self.dropped += other.dropped
+        self.ids += other.ids
+        self.duplicates += other.duplicates
+
 
 BOM = b"\xef\xbb\xbf"
 #: what decoding hostile JSON may raise besides ValidationError
@@ -115,6 +123,24 @@ class Ingest:
             enricher = Enricher(received_ms, peer_ip, envelope.context, envelope.integrations, envelope.sentAt)
         else:
             enricher = Enricher(received_ms, peer_ip)
+        return self._each_call(source, items, type_, enricher, raw=is_batch, indexed=is_batch)
+
+    def prepare_calls(self, source: SourceConfig, calls: list[dict[str, Any]], peer: str | None,
+                      now: datetime | None = None) -> Prepared:
+        """The per-call path of ``prepare`` for calls another front end built
+        (the Track API's, gateway/track_api): no decoding or auth here.
+
+        ``peer`` is the client address as already resolved (X-Forwarded-For
+        applied); the dicts are enriched in place.  A rejection's ``index`` is
+        the call's position in ``calls``."""
+        received_ms = round(now.timestamp() * 1000) if now else int(time.time() * 1000)
+        return self._each_call(source, calls, None, Enricher(received_ms, peer), raw=False, indexed=True)
+
+    def _each_call(self, source: SourceConfig, items: list[Any], type_: str | None, enricher: Enricher, *,
+                   raw: bool, indexed: bool) -> Prepared:
+        """The one definition of what every call goes through: (a raw batch
+        call measured and decoded,) check_call, enrichment, deduplication
+        within the request, source transforms, encoding."""
         rows: list[bytes] = []
         rejections: list[Rejection] = []
         dropped: list[str] = []
@@ -125,8 +151,8 @@ class Ingest:
         seen: set[str] = set()
         duplicates = 0
         for i, item in enumerate(items):
-            index = i if is_batch else None
-            if is_batch:
+            index = i if indexed else None
+            if raw:
                 # Each call is measured as sent and decoded on its own: one
                 # malformed call costs only itself.
                 if len(item) > limit:
@@ -145,7 +171,7 @@ class Ingest:
             problem = check_call(call, type_)
             if problem is not None:
                 problem.index = index
-                if is_batch:
+                if raw:
                     problem.field = f"batch[{i}].{problem.field}" if problem.field else f"batch[{i}]"
                 rejections.append(problem)
                 continue
@@ -153,7 +179,7 @@ class Ingest:
             problem = enricher.apply(call, type_)
             if problem is not None:
                 problem.index = index
-                if is_batch:
+                if raw:
                     problem.field = f"batch[{i}].{problem.field}"
                 rejections.append(problem)
                 continue
@@ -173,6 +199,8 @@ class Ingest:
                 if dedup:
                     ids.append(sent_id or None)
         return Prepared(source, rows, rejections, dropped, ids, duplicates)
+
+
 
 
 def _field_of(e: msgspec.ValidationError) -> str | None:
