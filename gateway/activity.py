@@ -20,6 +20,8 @@ WATCHER_BUFFER = 2000
 #: bytes of a stored call a record carries at most (the rest is cut, and said so)
 CALL_EXCERPT = 16_384
 FILTER_KEYS = ("source", "destination", "type", "event", "userId")
+#: records about ingest, which a ``destination`` filter lets through
+INGEST_KINDS = frozenset({"accepted", "rejected", "dropped"})
 
 
 class CallSummary(msgspec.Struct):
@@ -51,12 +53,15 @@ class Watcher:
 
     def __init__(self, filters: dict[str, str], size: int = WATCHER_BUFFER) -> None:
         self.filters = {k: v for k, v in filters.items() if k in FILTER_KEYS and v}
-        self.buffer: deque[dict[str, Any]] = deque(maxlen=size)
+        self.buffer: deque[dict[str, Any]] = deque(maxlen=max(1, size))
+        #: records that gave way to newer ones before the reader took them
         self.dropped = 0
         self.ready = asyncio.Event()
 
     def wants(self, record: dict[str, Any]) -> bool:
         for key, want in self.filters.items():
+            if key == "destination" and record.get("kind") in INGEST_KINDS:
+                continue  # what ingest did comes before any destination: a call's story starts there
             got = record.get(key)
             if got is None or str(got) != want:
                 return False
@@ -70,22 +75,30 @@ class Watcher:
         self.buffer.append(record)
         self.ready.set()
 
-    def take(self) -> list[dict[str, Any]]:
-        out = list(self.buffer)
-        self.buffer.clear()
-        self.ready.clear()
+    def take(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The oldest ``limit`` records (all of them by default), out of the buffer."""
+        buf = self.buffer
+        if limit is None or limit >= len(buf):
+            out = list(buf)
+            buf.clear()
+        else:
+            out = [buf.popleft() for _ in range(limit)]
+        if not buf:
+            self.ready.clear()
         return out
 
 
 class ActivityFeed:
     """The records of one gateway process."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffer_size: int = WATCHER_BUFFER) -> None:
         self.watchers: list[Watcher] = []
         self.watched = False
+        #: records each new watcher holds at most
+        self.buffer_size = buffer_size
 
     def watch(self, filters: dict[str, str]) -> Watcher:
-        w = Watcher(filters)
+        w = Watcher(filters, self.buffer_size)
         self.watchers.append(w)
         self.watched = True
         return w

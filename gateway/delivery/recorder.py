@@ -47,6 +47,8 @@ class Recorder:
             delay = backoff(self.policy, max((it.pending.attempts if it.pending else 0) for it in batch) + 1)
             for it, oc in zip(batch, outcomes):
                 if cut is not None and it.seq >= cut and not isinstance(oc, Delivered):
+                    if isinstance(oc, (Retry, Paused)):
+                        self.held(it, oc)
                     continue
                 at = self.record(it, oc, ack, now, delay)
                 if at is not None:
@@ -76,6 +78,7 @@ class Recorder:
             ack.retry.append(Pending(it.seq, it.data, it.source, pend.attempts if pend else 0,
                                      pend.first_failed if pend else now, hold_until,
                                      oc.status, f"paused: {oc.reason}", oc.body[:BODY_EXCERPT]))
+            self.stats.error(f"paused: {oc.reason}", oc.status, oc.body, message_id_of(it.data))
             self._retried(it, f"paused: {oc.reason}", oc.status, oc.body, hold_until)
             return hold_until
         attempts = (pend.attempts if pend else 0) + 1
@@ -93,6 +96,7 @@ class Recorder:
                 delay = max(delay, oc.retry_after)
                 self.sender.hold(now + oc.retry_after)
             self.stats.retried += 1
+            self.stats.error(oc.reason, oc.status, oc.body, message_id_of(it.data))
             ack.retry.append(Pending(it.seq, it.data, it.source, attempts, first, now + delay,
                                      oc.status, oc.reason, oc.body[:BODY_EXCERPT]))
             self._retried(it, oc.reason, oc.status, oc.body, now + delay)
@@ -115,16 +119,25 @@ class Recorder:
 
     def count_dead(self, x: DeadLetter) -> None:
         self.stats.count(self.stats.dead, reason_label(x.reason, x.status))
+        self.stats.error(x.reason, x.status, x.body, x.message_id)
         log.info("%s: dead letter %s: %s", self.name, x.message_id, x.reason)
         if self.feed.watched:
             self.feed.call_record("dead_lettered", x.data, destination=self.name, source=x.source,
                                   reason=x.reason, status=x.status, excerpt=x.body)
 
-    def skipped(self, it: Item | Pending | Record, reason: str) -> None:
-        """A call routed away or dropped by a destination transform."""
+    def skipped(self, it: Item | Pending | Record, reason: str, why: str | None = None) -> None:
+        """A call routed away (``why`` says by what) or dropped by a destination transform."""
         self.stats.count(self.stats.skipped, reason)
         if self.feed.watched:
-            self.feed.call_record("skipped", it.data, destination=self.name, source=it.source, reason=reason)
+            self.feed.call_record("skipped", it.data, destination=self.name, source=it.source, reason=reason,
+                                  why=why or reason)
+
+    def held(self, it: Item, oc: Retry | Paused) -> None:
+        """A call of a batch that failed whole: the queue holds before it
+        (sender.stalled_at) and sends it again when the hold ends."""
+        reason = oc.reason if isinstance(oc, Retry) else f"paused: {oc.reason}"
+        self.stats.error(reason, oc.status, oc.body, message_id_of(it.data))
+        self._retried(it, reason, oc.status, oc.body, self.sender.hold_until)
 
     def _retried(self, it: Item, reason: str, status: int | None, body: str, next_at: float) -> None:
         if self.feed.watched:

@@ -126,7 +126,7 @@ class Worker:
                     wait = records[0].received + self.dc.batch.max_wait - time.time()
                     if wait > 0:
                         await asyncio.sleep(min(wait, self.dc.batch.max_wait))
-                        records = await self.spool.read(self.position, READ_WINDOW)
+                        records = await self.spool.window(self.name, self.position, READ_WINDOW)
                 self.behind = len(records) >= READ_WINDOW
                 if records:
                     did += await self._deliver_records(records)
@@ -148,7 +148,7 @@ class Worker:
         ahead, self.prefetch = self.prefetch, None
         if ahead is not None and ahead[0] == self.position:
             return await ahead[1]
-        return await self.spool.read(self.position, READ_WINDOW)
+        return await self.spool.window(self.name, self.position, READ_WINDOW)
 
     async def _acked(self) -> None:
         """Wait for the last step's transaction (it runs while the next step
@@ -231,7 +231,8 @@ class Worker:
             else:
                 planned.append((r, p))
         if len(records) >= READ_WINDOW:  # more is waiting: read it while this window is sent
-            self.prefetch = (records[-1].seq, asyncio.ensure_future(self.spool.read(records[-1].seq, READ_WINDOW)))
+            self.prefetch = (records[-1].seq, asyncio.ensure_future(
+                self.spool.window(self.name, records[-1].seq, READ_WINDOW)))
         results = await self.sender.send_all(self.batcher.batches(items))
         cut = self.sender.stalled_at(results)
         ack = Ack(self.name, cursor=records[-1].seq if cut is None else cut - 1)
