@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from time import perf_counter
 from typing import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -15,16 +14,19 @@ from aiohttp import web
 from gateway import app_state as state
 from gateway.activity import ActivityFeed
 from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_document
-from gateway.config import Config
+from gateway.config import Config, strict_for
 from gateway.debugger import setup_debugger_routes
 from gateway.delivery import Delivery
+from gateway.errors import error_body, rejection_body
 from gateway.events import BATCH_PATHS, PATH_TYPES
 from gateway.http_body import read_body
 from gateway.ingest import Ingest
 from gateway.ingest.auth import ProxyTrust
-from gateway.ingest.call_checks import Rejection, RequestRejected
+from gateway.ingest.call_checks import RequestRejected
+from gateway.intake import Intake
 from gateway.loop_share import IngestShare
 from gateway.metrics import Counters, registry_for, render
+from gateway.pixels import Pixels
 from gateway.plugins import build
 from gateway.spool import SpoolFull, StorageFailed, spool_for
 
@@ -38,15 +40,6 @@ _encode = msgspec.json.Encoder().encode
 
 def _json(status: int, payload: object, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=_encode(payload), content_type="application/json", headers=headers)
-
-
-def _error_body(r: Rejection) -> dict[str, object]:
-    body: dict[str, object] = {"error": r.message, "reason": r.reason}
-    if r.field is not None:
-        body["field"] = r.field
-    if r.limit is not None:
-        body["limit"] = r.limit
-    return body
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,7 +60,7 @@ class Handlers:
         self.metrics_registry = app[state.METRICS]
         self.cors = Cors(self.cfg)
         self.proxies = ProxyTrust(self.cfg.server.trusted_proxies)
-        self.share = app[state.INGEST_SHARE]  # ingest's share of the loop, beside delivery
+        self.intake = app[state.INTAKE]
         self.feed = app[state.ACTIVITY]
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
@@ -81,7 +74,7 @@ class Handlers:
                 resp = e
             except Exception:
                 log.exception("error on %s %s", request.method, request.path)
-                resp = _json(500, {"error": "internal error"})
+                resp = _json(500, error_body("internal", "internal error"))
             origin = request.headers.get("Origin")
             if origin:
                 resp.headers.update(cors.headers(origin, request.get(state.SOURCE)))
@@ -98,7 +91,7 @@ class Handlers:
             resp = await self._calls(request, kind)
         except Exception:
             log.exception("error on POST %s", request.path)
-            resp = _json(500, {"error": "internal error"})
+            resp = _json(500, error_body("internal", "internal error"))
         origin = request.headers.get("Origin")
         if origin:
             resp.headers.update(self.cors.headers(origin, request.get(state.SOURCE)))
@@ -106,81 +99,51 @@ class Handlers:
         return resp
 
     async def _calls(self, request: web.Request, kind: str) -> web.Response:
-        counters = self.counters
         headers = request.headers
         # docs/pipelines-api.md, "Strict and lax": "1" is strict, any other value lax
         strict = headers.get("X-Strict-Mode", "").strip() == "1"
         ingest = self.ingest
-        share = self.share
         try:
             body = await read_body(request, ingest.body_limit(kind))
-            if share.full():
-                await share.wait()
-            started = perf_counter()
-            try:
-                prepared = ingest.prepare(kind, body, headers, request.remote)
-            finally:
-                share.spend(perf_counter() - started)
+            prepared = await self.intake.prepare(lambda: ingest.prepare(kind, body, headers, request.remote))
         except RequestRejected as e:
             r = e.rejection
-            counters.bump(counters.rejected, r.reason)
-            if not strict and e.status != 401:
-                # A source with strict: true is strict before its body is read.
-                src = ingest.header_source(headers)
-                strict = src is not None and src.strict
+            self.counters.bump(self.counters.rejected, r.reason)
+            # A source with strict: true is strict before its body is read; a
+            # key that matches no source (a 401 too) takes server.strict.
+            src = ingest.header_source(headers)
+            strict = strict or strict_for(self.cfg, src)
             unread = not request.content.is_eof()  # close rather than drain what is left
             log.info("rejected %s request from %s: %s", request.path, request.remote, r.message)
             if self.feed.watched:
-                src = ingest.header_source(headers)
                 self.feed.publish("rejected", source=src.name if src else None, reason=r.reason, field=r.field,
                                   message=r.message, status=e.status, mode="strict" if strict else "lax")
-            resp = _json(e.status, _error_body(r)) if strict else web.Response(body=OK, content_type="application/json")
+            resp = _json(e.status, rejection_body(r)) if strict else web.Response(body=OK, content_type="application/json")
             if unread:
                 resp.force_close()
             return resp
         source = prepared.source
         request[state.SOURCE] = source.name
-        strict = strict or source.strict
+        strict = strict or strict_for(self.cfg, source)
         if prepared.rejections:
-            for r in prepared.rejections:
-                counters.bump(counters.rejected, r.reason)
             log.info("rejected %d call(s) on %s from %s: %s", len(prepared.rejections), request.path,
                      request.remote, prepared.rejections[0].message)
-        for reason in prepared.dropped:
-            counters.bump(counters.dropped, reason)
-        feed = self.feed
-        if feed.watched:
-            mode = "strict" if strict else "lax"
-            for r in prepared.rejections:
-                feed.publish("rejected", source=source.name, reason=r.reason, field=r.field, message=r.message,
-                             index=r.index, mode=mode)
-            for reason in prepared.dropped:
-                feed.publish("dropped", source=source.name, reason=reason)
         try:
-            left_out = await self.spool.append(source.name, prepared.rows, prepared.ids)
+            await self.intake.store(prepared, "strict" if strict else "lax")
         except (SpoolFull, StorageFailed) as e:
-            counters.bump(counters.rejected, "overload", len(prepared.rows))
             log.warning("503 for %d call(s): %s", len(prepared.rows), e)
-            if feed.watched:
-                feed.publish("rejected", source=source.name, reason="overload", message=str(e), status=503,
-                             calls=len(prepared.rows))
-            return _json(503, {"error": f"the gateway cannot store calls right now: {e}", "reason": "overload"},
+            return _json(503, error_body("overload", f"the gateway cannot store calls right now: {e}"),
                          {"Retry-After": RETRY_AFTER})
-        if left_out or prepared.duplicates:
-            counters.bump(counters.deduplicated, source.name, left_out + prepared.duplicates)
-        counters.bump(counters.accepted, source.name, len(prepared.rows) - left_out)
-        if feed.watched:
-            for row in prepared.rows:
-                feed.call_record("accepted", row, source=source.name)
         if strict and prepared.rejections:
             if kind in BATCH_PATHS:
                 n = len(prepared.rejections)
-                return _json(400, {
-                    "error": f"{n} call(s) of the batch were rejected; the others were stored",
-                    "reason": prepared.rejections[0].reason,
-                    "accepted": len(prepared.rows),
-                    "errors": [msgspec.to_builtins(r) for r in prepared.rejections]})
-            return _json(400, _error_body(prepared.rejections[0]))
+                first = prepared.rejections[0]
+                return _json(400, error_body(
+                    first.reason,
+                    f"{n} call(s) of the batch were rejected; the others were stored. {first.field}: {first.message}",
+                    accepted=len(prepared.rows),
+                    errors=[msgspec.to_builtins(r) for r in prepared.rejections]))
+            return _json(400, rejection_body(prepared.rejections[0]))
         return web.Response(body=OK, content_type="application/json")
 
     async def sdk_metrics(self, request: web.Request) -> web.Response:
@@ -196,7 +159,7 @@ class Handlers:
             key = request.match_info["write_key"]
             source = self.ingest.source_for_key(key)
             if source is None:
-                return _json(404, {"error": "unknown write key"})
+                return _json(404, error_body("auth", "unknown write key"))
             request[state.SOURCE] = source.name
             proto, host = public_base(request, self.cfg, self.proxies)
             return _json(200, settings_document(integration, key, proto, host))
@@ -241,6 +204,7 @@ def setup_routes(app: web.Application, handlers: Handlers) -> None:
         path = f"{prefix}/v1/projects/{{write_key}}/settings"
         r.add_get(path, h.observed(path, h.settings_for(integration)))
         r.add_route("OPTIONS", path, h.observed("OPTIONS", h.preflight))
+    Pixels(app).add_routes(r, h.observed)
     r.add_get("/health", h.observed("/health", h.health))
     r.add_get("/ready", h.observed("/ready", h.ready))
     r.add_get("/metrics", h.observed("/metrics", h.metrics))
@@ -253,7 +217,7 @@ def create_app(cfg: Config) -> web.Application:
     needs, so a config error fails before the server binds its port."""
     built = build(cfg)
     counters = Counters()
-    spool = spool_for(cfg.storage, counters.commit)
+    spool = spool_for(cfg.storage, counters.commit, cfg.destinations)
     feed = ActivityFeed()
     delivery = Delivery(spool, built, cfg.storage.retention, feed)
     app = web.Application(client_max_size=cfg.server.max_batch_bytes + 1)
@@ -264,7 +228,8 @@ def create_app(cfg: Config) -> web.Application:
     app[state.SPOOL] = spool
     app[state.DELIVERY] = delivery
     app[state.ACTIVITY] = feed
-    app[state.INGEST_SHARE] = IngestShare(contended=delivery.behind)
+    app[state.INGEST_SHARE] = share = IngestShare(contended=delivery.behind)
+    app[state.INTAKE] = Intake(share, spool, counters, feed)
     app[state.METRICS] = registry_for(counters, spool, delivery.workers)
     handlers = Handlers(app)
     setup_routes(app, handlers)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.delivery import Delivery
     from gateway.ingest import Ingest
+    from gateway.intake import Intake
     from gateway.loop_share import IngestShare
     from gateway.metrics import Counters
     from gateway.plugins import Built
@@ -30,6 +31,7 @@ COUNTERS: web.AppKey["Counters"] = web.AppKey("counters")
 METRICS: web.AppKey["CollectorRegistry"] = web.AppKey("metrics")
 INGEST_SHARE: web.AppKey["IngestShare"] = web.AppKey("ingest_share")
 ACTIVITY: web.AppKey["ActivityFeed"] = web.AppKey("activity")
+INTAKE: web.AppKey["Intake"] = web.AppKey("intake")
 #: the source a request's write key belongs to, for its CORS headers
 #: (web.RequestKey from aiohttp 3.14; a plain string before it)
 SOURCE: Any = web.RequestKey("source", str) if hasattr(web, "RequestKey") else "source"

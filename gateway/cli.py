@@ -44,22 +44,21 @@ def version() -> str:
 def banner(cfg: Config, host: str, port: int) -> str:
     """What ``gateway serve`` serves, on one screen."""
     from gateway.cli_output import mask_key
+    from gateway.config import strict_for
     from gateway.units import human_duration, human_size
 
-    tls = getattr(cfg.server, "tls", None)
+    tls = cfg.server.tls
     scheme = "https" if tls else "http"
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"{scheme}://{shown_host}:{port}"
     lines = [f"gateway {version()}: listening on {scheme}://{host}:{port}"]
-    default_strict = getattr(cfg.server, "strict", False)
     lines.append("  sources:")
     width = max((len(s.name) for s in cfg.sources), default=0)
     first_key = None
     for s in cfg.sources:
-        strict = s.strict if s.strict is not None else default_strict
-        kind = getattr(s, "kind", "pipelines")
-        if kind != "pipelines":
-            lines.append(f"    {s.name:<{width}}  {kind}")
+        strict = strict_for(cfg, s)
+        if s.kind != "pipelines":
+            lines.append(f"    {s.name:<{width}}  {s.kind}")
             continue
         keys = ", ".join(mask_key(k) for k in s.write_keys)
         lines.append(f"    {s.name:<{width}}  key {keys}  {'strict' if strict else 'lax'}")
@@ -74,10 +73,12 @@ def banner(cfg: Config, host: str, port: int) -> str:
         lines.append("    (none: calls are stored and kept)")
     st = cfg.storage
     dedup = human_duration(st.dedup_window) if st.dedup_window > 0 else "off"
-    where = os.path.abspath(st.path) if st.backend == "sqlite" else st.backend
+    from gateway.spool import describe
+
+    where = describe(st)
     lines.append(f"  spool: {st.backend} at {where} (max {human_size(st.max_bytes)}, retention "
                  f"{human_duration(st.retention)}, dedup window {dedup})")
-    admin = getattr(cfg.server, "admin", None)
+    admin = cfg.server.admin
     if admin is not None:
         lines.append(f"  debugger: {base}/debugger (user {admin.user})")
     if first_key:
@@ -152,13 +153,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from gateway.plugins import build
 
+    from gateway.config import strict_for
     from gateway.units import human_duration, human_size
 
     cfg = _load(args.config)
     built = build(cfg)
     st = cfg.storage
     print(f"config {args.config}: OK")
-    print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {st.path} "
+    from gateway.spool import describe
+
+    print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {describe(st)} "
           f"(max {human_size(st.max_bytes)}, retention {human_duration(st.retention)}, dedup window "
           f"{human_duration(st.dedup_window) if st.dedup_window > 0 else 'off'})")
     print(f"limits: {human_size(cfg.server.max_event_bytes)} a call, {human_size(cfg.server.max_batch_bytes)} "
@@ -168,7 +172,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if s.kind == "track_api":
             print(f"  {s.name}: Track API, site id {s.track_api.site_id if s.track_api else '?'}")
             continue
-        print(f"  {s.name}: {len(s.write_keys)} write key(s), {'strict' if s.strict else 'lax'}")
+        print(f"  {s.name}: {len(s.write_keys)} write key(s), {'strict' if strict_for(cfg, s) else 'lax'}")
     print("transforms (before the spool):")
     for t in cfg.transforms:
         print(f"  {t.type}  [plugin {built.registry.provider['transform:' + t.type]}]")
@@ -187,6 +191,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from gateway.config import strict_for
     from gateway.delivery.planner import Planner
     from gateway.events import BATCH_PATHS, PATH_TYPES
     from gateway.ingest import Ingest
@@ -223,9 +228,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except RequestRejected as e:
         _print_json({"stored": False, "rejected": e.rejection})
         return 1
+    mode = "strict" if strict_for(cfg, source) else "lax"
     print(f"gateway explain: read as {kind if kind in BATCH_PATHS else PATH_TYPES[kind]} ({why}), with the "
-          f"rules of source {source.name!r} ({'strict' if source.strict else 'lax'})", file=sys.stderr)
-    out: dict[str, Any] = {"source": source.name, "mode": "strict" if source.strict else "lax",
+          f"rules of source {source.name!r} ({mode})", file=sys.stderr)
+    out: dict[str, Any] = {"source": source.name, "mode": mode,
                            "rejected": prepared.rejections, "dropped_by_source_transforms": prepared.dropped,
                            "calls": []}
     planners = [(b.config, b.destination, Planner(b.config, b.destination, b.transforms)) for b in built.destinations]
@@ -278,7 +284,7 @@ def _explain_kind(args: argparse.Namespace, doc: Any) -> tuple[str | None, str]:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from gateway.cli_output import Progress
-    from gateway.spool import ReplayFilter, open_archive
+    from gateway.spool import ReplayFilter, StorageFailed, open_archive
 
     cfg = _load(args.config)
     if not any(d.name == args.destination for d in cfg.destinations):
@@ -297,7 +303,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                      types=frozenset(args.type or ()), events=frozenset(args.event or ()))
     try:
         archive = open_archive(cfg.storage)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StorageFailed) as e:  # nothing stored yet; the NATS cluster does not answer
         print(f"gateway replay: {e}", file=sys.stderr)
         return 1
     try:
@@ -354,12 +360,12 @@ def _when(t: float | None) -> str:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     from gateway.cli_output import Progress
-    from gateway.spool import open_dead_letters
+    from gateway.spool import StorageFailed, open_dead_letters
 
     cfg = _load(args.config)
     try:
         store = open_dead_letters(cfg.storage)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, StorageFailed) as e:  # nothing stored yet; the NATS cluster does not answer
         print(f"gateway dlq: {e}", file=sys.stderr)
         return 1
     try:

@@ -122,6 +122,9 @@ class ServerConfig(Base):
     shutdown_timeout: float = 10.0
     access_log: bool = False
     tls: TlsConfig | None = None
+    #: the default of every source's ``strict``, and the mode of requests
+    #: whose write key matches no source (docs/pipelines-api.md)
+    strict: bool = False
     #: the debugger's credentials; None: every /debugger path answers 404
     admin: AdminConfig | None = None
 
@@ -178,7 +181,8 @@ class SourceConfig(Base):
     kind: Literal["pipelines", "track_api"] = "pipelines"
     write_keys: list[str] = msgspec.field(default_factory=list)
     track_api: TrackApiConfig | None = None
-    strict: bool = False
+    #: None (unset) takes ``server.strict``; read it through ``strict_for``
+    strict: bool | None = None
     #: browser origins allowed for this source; falls back to server.cors_origins
     cors_origins: list[str] | None = None
 
@@ -243,6 +247,15 @@ class Config(Base, weakref=True):
     transforms: list[TransformConfig] = msgspec.field(default_factory=list)
     destinations: list[DestinationConfig] = msgspec.field(default_factory=list)
     plugins: list[str] = msgspec.field(default_factory=list)
+
+
+def strict_for(cfg: Config, source: SourceConfig | None) -> bool:
+    """Whether requests of ``source`` are strict: its own ``strict`` when set,
+    else ``server.strict``, which also judges a key that matches no source
+    (otherwise a mistyped key would always be lax)."""
+    if source is None or source.strict is None:
+        return cfg.server.strict
+    return source.strict
 
 
 def _expand(value: str, line: int, env: dict[str, str], typed: bool = True) -> Any:

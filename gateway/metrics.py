@@ -133,6 +133,9 @@ class GatewayCollector:
             paused.add_metric([w.name], 1 if s.paused else 0)
         yield from per.values()
         yield from (dead, skipped, reqs, backlog, retry_backlog, oldest, paused)
+        extra = getattr(self.spool, "collect_extra", None)  # a backend's own series (NATS)
+        if extra is not None:
+            yield from extra()
 
 
 def registry_for(counters: Counters, spool: "Spool", workers: list["Worker"]) -> CollectorRegistry:

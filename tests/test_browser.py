@@ -44,8 +44,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.testing import WRITE_KEY, FakeDestination
+
 ROOT = Path(__file__).resolve().parent.parent
-WRITE_KEY = "test-write-key"  # the one conftest's configs give the source "web"
 BROWSER_DIR = ROOT / "tests" / "browser"
 PAGES = BROWSER_DIR / "pages"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -133,11 +134,8 @@ async def test_settings_unknown_write_key_is_404(gateway_client: Any, path: str)
 
 @pytest.mark.parametrize("path", SETTINGS.values())
 async def test_settings_public_url_wins(gateway_client: Any, path: str) -> None:
-    client = await gateway_client("""
-        server:
-          public_url: https://events.example.com/
-          trusted_proxies: [127.0.0.1]
-        """)
+    client = await gateway_client(server={"public_url": "https://events.example.com/",
+                                          "trusted_proxies": ["127.0.0.1"]})
     r = await client.get(path.format(key=WRITE_KEY),
                          headers={"X-Forwarded-Host": "other.example", "X-Forwarded-Proto": "http"})
     own = next(iter((await r.json())["integrations"].values()))
@@ -153,19 +151,13 @@ async def test_settings_public_url_wins(gateway_client: Any, path: str) -> None:
 ])
 async def test_settings_public_url_forms(gateway_client: Any, public_url: str, api_host: str,
                                          protocol: str) -> None:
-    client = await gateway_client(f"""
-        server:
-          public_url: "{public_url}"
-        """)
+    client = await gateway_client(server={"public_url": public_url})
     own = (await (await client.get(f"/v1/projects/{WRITE_KEY}/settings")).json())["integrations"]["Segment.io"]
     assert (own["apiHost"], own["protocol"]) == (api_host, protocol)
 
 
 async def test_settings_forwarded_host_from_trusted_proxy(gateway_client: Any) -> None:
-    client = await gateway_client("""
-        server:
-          trusted_proxies: [127.0.0.0/8]
-        """)
+    client = await gateway_client(server={"trusted_proxies": ["127.0.0.0/8"]})
     r = await client.get(f"/customerio/v1/projects/{WRITE_KEY}/settings",
                          headers={"X-Forwarded-Host": "events.example.com, proxy2.internal",
                                   "X-Forwarded-Proto": "https"})
@@ -175,10 +167,7 @@ async def test_settings_forwarded_host_from_trusted_proxy(gateway_client: Any) -
 
 
 async def test_settings_forwarded_host_ignored_from_untrusted_peer(gateway_client: Any) -> None:
-    client = await gateway_client("""
-        server:
-          trusted_proxies: [10.0.0.0/8]
-        """)
+    client = await gateway_client(server={"trusted_proxies": ["10.0.0.0/8"]})
     r = await client.get(f"/v1/projects/{WRITE_KEY}/settings",
                          headers={"X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"})
     own = (await r.json())["integrations"]["Segment.io"]
@@ -187,10 +176,7 @@ async def test_settings_forwarded_host_ignored_from_untrusted_peer(gateway_clien
 
 
 async def test_settings_ignores_forwarded_proto_that_is_not_http(gateway_client: Any) -> None:
-    client = await gateway_client("""
-        server:
-          trusted_proxies: [127.0.0.1]
-        """)
+    client = await gateway_client(server={"trusted_proxies": ["127.0.0.1"]})
     r = await client.get(f"/v1/projects/{WRITE_KEY}/settings",
                          headers={"X-Forwarded-Proto": "wss", "X-Forwarded-Host": "events.example.com"})
     own = (await r.json())["integrations"]["Segment.io"]
@@ -198,16 +184,8 @@ async def test_settings_ignores_forwarded_proto_that_is_not_http(gateway_client:
 
 
 #: origins come from the source alone
-NO_SERVER_ORIGINS = """
-    server:
-      cors_origins: []
-    """
-WEB_ONLY_AT_ORIGIN = f"""
-    sources:
-      - name: web
-        write_keys: ["{WRITE_KEY}"]
-        cors_origins: ["{ORIGIN}"]
-    """
+NO_SERVER_ORIGINS = {"cors_origins": []}
+WEB_ONLY_AT_ORIGIN = [{"name": "web", "write_keys": [WRITE_KEY], "cors_origins": [ORIGIN]}]
 
 
 async def test_settings_uses_request_host_header(gateway_client: Any) -> None:
@@ -218,11 +196,8 @@ async def test_settings_uses_request_host_header(gateway_client: Any) -> None:
 
 
 async def test_settings_get_carries_cors_for_allowed_origin_only(gateway_client: Any) -> None:
-    client = await gateway_client(NO_SERVER_ORIGINS, sources=WEB_ONLY_AT_ORIGIN + """
-      - name: other
-        write_keys: ["other-key"]
-        cors_origins: ["https://other.example"]
-    """)
+    client = await gateway_client(server=NO_SERVER_ORIGINS, sources=[
+        *WEB_ONLY_AT_ORIGIN, {"name": "other", "write_keys": ["other-key"], "cors_origins": ["https://other.example"]}])
     r = await client.get(f"/v1/projects/{WRITE_KEY}/settings", headers={"Origin": ORIGIN})
     assert r.status == 200
     assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
@@ -241,7 +216,7 @@ async def test_settings_wildcard_origin(gateway_client: Any) -> None:
 
 @pytest.mark.parametrize("path", ["/v1/t", "/v1/i", "/v1/b", "/v1/track", "/v1/batch", "/v1/m"])
 async def test_preflight(gateway_client: Any, path: str) -> None:
-    client = await gateway_client(NO_SERVER_ORIGINS, sources=WEB_ONLY_AT_ORIGIN)
+    client = await gateway_client(server=NO_SERVER_ORIGINS, sources=WEB_ONLY_AT_ORIGIN)
     r = await client.options(path, headers={
         "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization,content-type,x-retry-count"})
@@ -264,21 +239,17 @@ async def test_preflight(gateway_client: Any, path: str) -> None:
     assert "Access-Control-Allow-Origin" not in r.headers
 
 
-def to_sink(sink: Any) -> str:
-    """Config: one webhook destination posting each call to ``sink`` at once."""
-    return f"""
-        destinations:
-          - name: Sink
-            type: webhook
-            settings: {{url: "{sink.url}"}}
-            batch: {{max_wait: 0}}
-        """
+def to_sink(sink: FakeDestination) -> list[dict[str, Any]]:
+    """``destinations``: one webhook destination posting each call to ``sink`` at once."""
+    return [{"name": "Sink", "type": "webhook", "settings": {"url": sink.url}, "batch": {"max_wait": 0}}]
 
 
 @pytest.mark.parametrize("short,long", [("i", "identify"), ("t", "track"), ("p", "page"), ("s", "screen"),
                                         ("g", "group"), ("a", "alias")])
-async def test_short_paths_are_aliases(gateway_client: Any, sink: Any, short: str, long: str) -> None:
-    client = await gateway_client(to_sink(sink))
+async def test_short_paths_are_aliases(gateway_client: Any, fake_destination: FakeDestination, short: str,
+                                      long: str) -> None:
+    sink = fake_destination
+    client = await gateway_client(destinations=to_sink(sink))
     body = {"anonymousId": "anon-1", "userId": "u-1", "event": "E", "groupId": "g-1", "previousId": "u-1",
             "writeKey": WRITE_KEY, "_metadata": {"bundled": ["Segment.io"], "unbundled": []},
             "context": {"library": {"name": "analytics.js", "version": "npm:next-1.84.3"}}}
@@ -292,21 +263,22 @@ async def test_short_paths_are_aliases(gateway_client: Any, sink: Any, short: st
         r = await client.post(path, data=json.dumps(body), headers={"Content-Type": "text/plain",
                                                                     "X-Strict-Mode": "1"})
         assert r.status == 200, await r.text()
-    calls = await sink.wait_for(4)
+    calls = await sink.wait_delivered(4)
     assert [c["type"] for c in calls] == [long] * 4
     for c in calls:
         assert "_metadata" not in c and "writeKey" not in c
 
 
-async def test_short_batch_path(gateway_client: Any, sink: Any) -> None:
-    client = await gateway_client(to_sink(sink))
+async def test_short_batch_path(gateway_client: Any, fake_destination: FakeDestination) -> None:
+    sink = fake_destination
+    client = await gateway_client(destinations=to_sink(sink))
     body = {"batch": [{"type": "track", "anonymousId": "a", "event": "E", "_metadata": {"bundled": []}},
                       {"type": "identify", "anonymousId": "a", "traits": {"k": 1}}],
             "writeKey": WRITE_KEY, "sentAt": "2024-01-01T00:00:00.000Z"}
     r = await client.post("/v1/b", data=json.dumps(body), headers={"Content-Type": "text/plain",
                                                                    "Authorization": basic(WRITE_KEY)})
     assert r.status == 200, await r.text()
-    calls = await sink.wait_for(2)
+    calls = await sink.wait_delivered(2)
     assert [c["type"] for c in calls] == ["track", "identify"]
     assert all("_metadata" not in c for c in calls)
 
@@ -491,23 +463,18 @@ ORDER = ["identify", "track", "page", "screen", "group", "alias"]
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-async def test_real_browser_sdk(name: str, sink: Any, gateway_process: Any, aiohttp_server: Any) -> None:
+async def test_real_browser_sdk(name: str, fake_destination: FakeDestination, gateway_process: Any,
+                                aiohttp_server: Any) -> None:
     _need_browser()
+    sink = fake_destination
     sc = SCENARIOS[name]
     # the site, on its own origin
     site = PageServer(sc.load_options)
     site_server = await aiohttp_server(site.app(), host="127.0.0.1")
     origin = str(site_server.make_url("")).rstrip("/")
     # the gateway, which lets that origin in, by the source's config only
-    gw = gateway_process("""
-        server:
-          cors_origins: []
-        """ + to_sink(sink), sources=f"""
-        sources:
-          - name: web
-            write_keys: ["{WRITE_KEY}"]
-            cors_origins: ["{origin}"]
-        """)
+    gw = await gateway_process(server={"cors_origins": []}, destinations=to_sink(sink),
+                               sources=[{"name": "web", "write_keys": [WRITE_KEY], "cors_origins": [origin]}])
     api = gw.url
     proxy = None
     if sc.fail_once:
@@ -518,8 +485,8 @@ async def test_real_browser_sdk(name: str, sink: Any, gateway_process: Any, aioh
     url = f"{origin}/{sc.page}"
 
     async def six_calls_at_the_sink() -> None:
-        await sink.wait_for(len(SIX), timeout=RUN_TIMEOUT)
-        await asyncio.sleep(0.5)  # anything more (a retry, a duplicate) would show up too
+        await sink.wait_delivered(len(SIX), timeout=RUN_TIMEOUT)
+        await sink.wait_quiet()  # anything more (a retry, a duplicate) would show up too
 
     for attempt in (1, 2):
         started = time.monotonic()
@@ -539,12 +506,12 @@ async def test_real_browser_sdk(name: str, sink: Any, gateway_process: Any, aioh
                 f"\n--- driver stderr:\n{report.get('stderr', '')}"
                 f"\n--- site requests: {site.requests}"
                 f"\n--- proxy saw: {[(m, p) for m, p, _ in proxy.seen] if proxy else None}"
-                f"\n--- sink got: {json.dumps(sink.calls, indent=1)[:4000]}"
+                f"\n--- sink got: {json.dumps(sink.delivered(), indent=1)[:4000]}"
                 f"\n--- gateway log:\n{gw.log.read_text()[-3000:]}")
 
     assert problem is None and report.get("error") is None and not report.get("timedOut"), f"{problem!r}{why()}"
     assert took < 60, why()
-    calls = sink.calls
+    calls = sink.delivered()
     assert sorted(c["type"] for c in calls) == sorted(SIX), why()
     assert len({c["messageId"] for c in calls}) == len(calls), why()
 

@@ -254,8 +254,7 @@ def test_gateway_check_on_the_repo_config() -> None:
     assert "sources:\n  default: 1 write key(s), lax" in out
     assert "destinations:\n  Archive: file  [plugin plugins.file]" in out
     assert "plugins:" in out
-    for plugin in ("plugins.file", "plugins.webhook", "plugins.transforms", "plugins.customerio_track",
-                   "plugins.customerio_pipelines"):
+    for plugin in ("plugins.file", "plugins.webhook", "plugins.transforms", "plugins.customerio"):
         assert f"  {plugin}: " in out
     assert "server: http://127.0.0.1:8080" in out
     r = run_gateway("check", "--config", "config.yaml", env={"GATEWAY_PORT": "9191"})

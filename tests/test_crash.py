@@ -21,9 +21,8 @@ from typing import Any, Callable
 import aiohttp
 import msgspec
 import pytest
-import yaml
 
-from ingest_kit import AUTH, gw  # noqa: F401 - gw is a fixture
+from gateway.testing import AUTH_HEADERS, post, wait_until
 
 CLIENTS = 16
 MAX_CALLS = 3000
@@ -31,12 +30,11 @@ MAX_SECONDS = 15.0
 MESSAGE_ID = re.compile(rb'"messageId":"(c-\d+-\d+)"')
 
 
-def body(out: Path) -> str:
-    return yaml.safe_dump({
-        "server": {"shutdown_timeout": 5.0},
-        "destinations": [{"name": "Archive", "type": "file", "settings": {"path": str(out)},
-                          "batch": {"max_wait": 0.01}}],
-    })
+def archive_config(out: Path) -> dict[str, Any]:
+    """The gateway under load: a ``file`` destination appending to ``out``."""
+    return dict(server={"shutdown_timeout": 5.0},
+                destinations=[{"name": "Archive", "type": "file", "settings": {"path": str(out)},
+                               "batch": {"max_wait": 0.01}}])
 
 
 class Load:
@@ -72,7 +70,7 @@ class Load:
             t0 = time.monotonic()
             try:
                 async with session.post(self.url + path, data=msgspec.json.encode(payload),
-                                        headers={**AUTH, "Content-Type": "application/json"}) as r:
+                                        headers={**AUTH_HEADERS, "Content-Type": "application/json"}) as r:
                     await r.read()
                     self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
                     if r.status == 200:
@@ -121,22 +119,19 @@ def delivered(out: Path) -> tuple[list[str], list[bytes]]:
 
 
 async def wait_delivered(out: Path, want: set[str], timeout: float = 30.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        ids, _ = delivered(out)
-        missing = want - set(ids)
-        if not missing:
-            return ids
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(missing)} of {len(want)} acked calls never delivered, e.g. "
-                                 f"{sorted(missing)[:5]}")
-        await asyncio.sleep(0.1)
+    """The messageIds in the file, once every one of ``want`` is there."""
+    def missing() -> set[str]:
+        return want - set(delivered(out)[0])
+
+    await wait_until(lambda: not missing(), what=f"all {len(want)} acked calls in {out.name}", timeout=timeout,
+                     poll=0.1, seen=lambda: f"{len(missing())} missing, e.g. {sorted(missing())[:5]}")
+    return delivered(out)[0]
 
 
 async def test_sigkill_mid_load_loses_no_acknowledged_call(gateway_process: Any, tmp_path: Path) -> None:
     """kill -9 under load, restart on the same spool: every 200 is delivered."""
     out = tmp_path / "out.jsonl"
-    gw = gateway_process(body(out))
+    gw = await gateway_process(**archive_config(out))
     writer = gw.writer_pid()
     load = Load(gw.url)
     await load.run(until_acked=600, then=gw.kill)
@@ -147,7 +142,7 @@ async def test_sigkill_mid_load_loses_no_acknowledged_call(gateway_process: Any,
     assert load.acked, f"no call was acknowledged before the kill: {load.statuses}, {load.errors} errors"
     assert set(load.statuses) <= {200}, load.statuses
     before, _ = delivered(out)
-    again = gateway_process(body(out))
+    again = await gateway_process(**archive_config(out))
     await wait_delivered(out, load.acked)
     assert again.terminate() == 0
     ids, torn = delivered(out)  # read after a clean stop: no write is in progress
@@ -166,7 +161,7 @@ async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_p
     ``process-group``: the spool writer gets the signal too, as under systemd
     or Ctrl-C; it stays to store what the server drains, then exits."""
     out = tmp_path / "out.jsonl"
-    gw = gateway_process(body(out))
+    gw = await gateway_process(**archive_config(out))
     writer = gw.writer_pid()
 
     def stop() -> int:
@@ -176,17 +171,17 @@ async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_p
     load = Load(gw.url)
     code = await load.run(until_acked=600, then=stop)
     await wait_gone(writer)
-    assert code == 0, (tmp_path / f"gateway-{gw.port}.log").read_text()[-2000:]
+    assert code == 0, gw.log.read_text()[-2000:]
     assert load.acked and set(load.statuses) <= {200}, load.statuses
     # Draining: a request the server had before the signal is answered, not dropped
     # (20 ms of margin for one sent on a keep-alive connection just as it closed).
     dropped = [t for t, answered in load.requests if t < load.signalled - 0.02 and not answered]
     assert dropped == [], f"{len(dropped)} requests in flight at SIGTERM were dropped"
-    log = (tmp_path / f"gateway-{gw.port}.log").read_text()
+    log = gw.log.read_text()
     assert "gateway: stopped" in log and "Traceback" not in log, log[-2000:]
     before, torn = delivered(out)
     assert torn == [], "a clean stop leaves no torn line"
-    gateway_process(body(out))
+    await gateway_process(**archive_config(out))
     ids = await wait_delivered(out, load.acked)
     print(f"sigterm: {len(load.acked)} acked of {load.sent} sent, {len(set(before) & load.acked)} delivered "
           f"before the restart, {len(ids)} lines in the end")
@@ -199,38 +194,36 @@ async def test_a_killed_spool_writer_costs_503s_never_an_acknowledged_call(gatew
     200 or a 500; the server starts another writer and goes on, and every
     call answered 200 is delivered without a restart."""
     out = tmp_path / "out.jsonl"
-    gw = gateway_process(body(out))
+    gw = await gateway_process(**archive_config(out))
     writer = gw.writer_pid()
     load = Load(gw.url)
     await load.run(until_acked=600, then=lambda: os.kill(writer, signal.SIGKILL))
     assert set(load.statuses) <= {200, 503}, load.statuses
     await wait_gone(writer)
-    deadline = time.monotonic() + 10
     async with aiohttp.ClientSession() as session:
-        while True:  # the server comes back by itself
-            async with session.post(gw.url + "/v1/track", headers=AUTH, json={
+        async def stored_again() -> bool:
+            async with session.post(gw.url + "/v1/track", headers=AUTH_HEADERS, json={
                     "userId": "after", "event": "Back", "messageId": "c-999-0"}) as r:
                 if r.status == 200:
-                    break
+                    return True
                 assert r.status == 503 and int(r.headers["Retry-After"]) > 0, r.status
-            assert time.monotonic() < deadline, "the server never stored a call again"
-            await asyncio.sleep(0.1)
+                return False
+
+        # the server comes back by itself
+        await wait_until(stored_again, what="the server to store a call again", timeout=10, poll=0.1)
     assert gw.writer_pid() != writer
     async with aiohttp.ClientSession() as session:
         async with session.get(gw.url + "/metrics") as r:
             assert "gateway_spool_writer_restarts_total 1.0" in await r.text()
     await wait_delivered(out, load.acked | {"c-999-0"})
     assert gw.terminate() == 0
-    log = (tmp_path / f"gateway-{gw.port}.log").read_text()
+    log = gw.log.read_text()
     assert "the spool writer exited" in log, log[-2000:]
     print(f"writer killed: {load.statuses}, {len(load.acked)} acked, all delivered")
 
 
 async def wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _running(pid):
-        assert time.monotonic() < deadline, f"process {pid} is still running"
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not _running(pid), what=f"process {pid} to exit", timeout=timeout)
 
 
 def _running(pid: int) -> bool:
@@ -249,20 +242,15 @@ def _bounded_time() -> Any:
     assert time.monotonic() - started < 60, "a crash test must stay well within its time budget"
 
 
-async def test_file_destination_starts_a_new_line_after_a_torn_write(gw: Any, tmp_path: Path) -> None:
+async def test_file_destination_starts_a_new_line_after_a_torn_write(gateway_client: Any, tmp_path: Path) -> None:
     """What kill -9 can leave behind (seen under test_sigkill_mid_load...): the
     archive ends in half a line.  Calls delivered after the restart must still
     be one JSON document per line (DESIGN.md: the file destination is JSONL)."""
-    from ingest_kit import post
-
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"type":"track","userId":"u0","event":"Lo')
-    client = await gw(destinations=[{"name": "Archive", "type": "file", "settings": {"path": str(out)},
-                                     "batch": {"max_wait": 0}}])
+    client = await gateway_client(destinations=[{"name": "Archive", "type": "file", "settings": {"path": str(out)},
+                                                 "batch": {"max_wait": 0}}])
     assert (await post(client, "/v1/track", {"userId": "u1", "event": "After", "messageId": "after-crash"}))[0] == 200
-    deadline = time.monotonic() + 10
-    while b"after-crash" not in out.read_bytes():
-        assert time.monotonic() < deadline, "never delivered"
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: b"after-crash" in out.read_bytes(), what="the call after the crash in the file")
     last = out.read_bytes().rstrip(b"\n").split(b"\n")[-1]
     assert msgspec.json.decode(last)["messageId"] == "after-crash"

@@ -14,18 +14,16 @@ from typing import Any, Callable
 
 import pytest
 
-from fake_customerio import (  # noqa: F401 (fixtures)
-    PIPELINES_API_KEY, SITE_ID, TRACK_API_KEY, FakeCustomerIO, cio, http,
-)
+from fake_customerio import PIPELINES_API_KEY, SITE_ID, TRACK_API_KEY, FakeCustomerIO
 from gateway.api import DELIVERED, Failed, Limits, MappingError, Paused, Retry
 from gateway.config import ConfigError, StorageConfig, to_struct
 from gateway.http_client import HttpClient, HttpPool, Throttle
+from gateway.testing import WRITE_KEY
 from gateway.plugins import build_registry, make_manager
 from gateway.spool import open_dead_letters
 from plugins.customerio.pipelines import CustomerioPipelinesDestination as Pipelines
 from plugins.customerio.track_v2 import CustomerioTrackDestination as Track
 
-WRITE_KEY = "test-write-key"  # tests/conftest.py's source key
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
 #: stored calls as ingest leaves them (enriched), with keys Customer.io's SDKs send

@@ -15,12 +15,11 @@ from typing import Any, Callable
 import aiohttp
 import pytest
 
-from fake_customerio import (  # noqa: F401 (fixtures)
-    SITE_ID, TRACK_API_KEY, FakeCustomerIO, Invalid, cio, http, validate_track_op,
-)
+from fake_customerio import SITE_ID, TRACK_API_KEY, FakeCustomerIO, Invalid, validate_track_op
 from gateway.api import DELIVERED, Failed, Limits, MappingError, Paused, Retry
 from gateway.config import ConfigError, StorageConfig, to_struct
 from gateway.http_client import HttpClient, HttpPool, Throttle
+from gateway.testing import WRITE_KEY
 from gateway.plugins import build_registry, make_manager
 from gateway.spool import open_dead_letters
 from plugins.customerio.timestamps import convert_timestamps, parse_iso_unix, to_unix
@@ -29,7 +28,6 @@ from plugins.customerio.track_v2 import CustomerioTrackDestination as Track
 
 DATA = json.loads((Path(__file__).parent / "data" / "customerio_track_v2_examples.json").read_text("utf-8"))
 EXAMPLES = {e["name"]: e for e in DATA["examples"]}
-WRITE_KEY = "test-write-key"  # tests/conftest.py's source key
 
 
 def make(http: HttpClient | None = None, **settings: Any) -> Track:

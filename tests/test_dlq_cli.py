@@ -4,57 +4,47 @@ shows what each destination would receive and sends nothing."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
-import yaml
-from aiohttp import web
 
-from delivery_kit import AUTH, body, make_fake, status, track, wait_until, webhook  # noqa: F401 - fixtures
+from gateway.testing import (
+    AUTH_HEADERS, CliResult, FakeDestination, gateway_cli, gateway_config, spool_path, spool_query, status, track,
+    wait_until, webhook,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def cli(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
-    """``python -m gateway ARGS`` without blocking the loop the fakes answer on."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=cwd or ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def cli(*args: str, stdin: bytes | None = None) -> CliResult:
+    """``python -m gateway ARGS`` from the repository, beside the fakes' event loop."""
+    return await gateway_cli(*args, stdin=stdin, cwd=ROOT)
 
 
 def listing(out: str) -> list[tuple[str, str, str, str]]:
     """``dlq list`` lines as (messageId, destination, last status, reason)."""
     rows = []
     for line in out.splitlines():
-        _id, mid, dest, status, _when, reason = line.split("\t")
-        rows.append((mid, dest, status, reason))
+        _id, mid, dest, last_status, _when, reason = line.split("\t")
+        rows.append((mid, dest, last_status, reason))
     return sorted(rows)
 
 
-async def test_dlq_list_show_replay_while_the_server_runs(gateway_process: Any, sink: Any, make_fake: Any,
+async def test_dlq_list_show_replay_while_the_server_runs(gateway_process: Any, make_fake_destination: Any,
                                                           tmp_path: Path) -> None:
-    other = await make_fake()
+    hook: FakeDestination = await make_fake_destination()
+    other: FakeDestination = await make_fake_destination()
     other.default = status(422, "unknown field")
-    sink.default = lambda request, raw: web.Response(status=400, text='{"error": "invalid field: traits"}')
-    gw = gateway_process(body([webhook("Hook", sink.url), webhook("Other", other.url)]))
-    cfg = str(gw.cfg_path)
+    hook.default = status(400, '{"error": "invalid field: traits"}')
+    gw = await gateway_process(destinations=[webhook("Hook", hook.url), webhook("Other", other.url)])
+    cfg = str(gw.config_path)
     async with aiohttp.ClientSession() as http:
-        r = await http.post(f"{gw.url}/v1/batch", json={"batch": [track("m-1"), track("m-2")]}, headers=AUTH)
+        r = await http.post(f"{gw.url}/v1/batch", json={"batch": [track("m-1"), track("m-2")]},
+                            headers=AUTH_HEADERS)
         assert r.status == 200
-        r = await http.post(f"{gw.url}/v1/track", json=track("m-3"), headers=AUTH)
+        r = await http.post(f"{gw.url}/v1/track", json=track("m-3"), headers=AUTH_HEADERS)
         assert r.status == 200
 
     async def listed(*extra: str) -> list[tuple[str, str, str, str]]:
@@ -63,10 +53,13 @@ async def test_dlq_list_show_replay_while_the_server_runs(gateway_process: Any, 
         return listing(out)
 
     want = [(f"m-{i}", d, s, f"HTTP {s}") for i in (1, 2, 3) for d, s in (("Hook", "400"), ("Other", "422"))]
-    deadline = asyncio.get_running_loop().time() + 15
-    while (got := await listed()) != sorted(want):
-        assert asyncio.get_running_loop().time() < deadline, got
-        await asyncio.sleep(0.2)
+    got: list[tuple[str, str, str, str]] = []
+
+    async def all_listed() -> bool:
+        got[:] = await listed()
+        return got == sorted(want)
+
+    await wait_until(all_listed, timeout=15, poll=0.2, what="every dead letter in `dlq list`", seen=lambda: got)
     assert await listed("--destination", "Other") == sorted(w for w in want if w[1] == "Other")
     assert await listed("--destination", "Hook", "--id", "m-2") == [("m-2", "Hook", "400", "HTTP 400")]
 
@@ -79,23 +72,27 @@ async def test_dlq_list_show_replay_while_the_server_runs(gateway_process: Any, 
     assert shown["data"]["messageId"] == "m-2" and shown["data"]["event"] == "Clicked"
 
     # The destination is fixed: replay one, then the rest of Hook's.
-    sink.default = lambda request, raw: web.json_response({})
+    hook.default = status(200)
     rc, out, err = await cli("dlq", "replay", "--config", cfg, "--destination", "Hook", "--id", "m-2")
     assert (rc, out.strip()) == (0, "replayed 1 dead letter(s): queued for delivery now"), err
-    await wait_until(lambda: [c["messageId"] for c in sink.calls] == ["m-2"], timeout=8, what="m-2 replayed")
+    await wait_until(lambda: [c["messageId"] for c in hook.delivered()] == ["m-2"], timeout=8, what="m-2 replayed")
     assert await listed("--destination", "Hook") == [("m-1", "Hook", "400", "HTTP 400"),
                                                       ("m-3", "Hook", "400", "HTTP 400")]
     rc, out, err = await cli("dlq", "replay", "--config", cfg, "--destination", "Hook")
     assert (rc, out.strip()) == (0, "replayed 2 dead letter(s): queued for delivery now"), err
-    await wait_until(lambda: sorted(c["messageId"] for c in sink.calls) == ["m-1", "m-2", "m-3"], timeout=8,
+    await wait_until(lambda: sorted(c["messageId"] for c in hook.delivered()) == ["m-1", "m-2", "m-3"], timeout=8,
                      what="every Hook letter replayed")
     rc, out, err = await cli("dlq", "list", "--config", cfg, "--destination", "Hook")
     assert (rc, out, err.strip()) == (0, "", "0 dead letter(s)")
     assert await listed() == sorted(w for w in want if w[1] == "Other"), "other destinations' letters stay"
     rc, out, err = await cli("dlq", "replay", "--config", cfg, "--id", "no-such-id")
     assert (rc, out.strip()) == (1, "replayed 0 dead letter(s): queued for delivery now")
-    await asyncio.sleep(0.3)
-    assert sorted(c["messageId"] for c in sink.calls) == ["m-1", "m-2", "m-3"], "each replayed call sent once"
+    # Replays are found by a poll of the retries table (every RETRY_POLL s): a
+    # call sent twice would be one still there, sent again at a later poll.
+    await wait_until(lambda: spool_query(tmp_path, "SELECT count(*) FROM retries WHERE destination = 'Hook'")
+                     == [(0,)], timeout=8, what="Hook's replays to leave the retries table")
+    await hook.wait_quiet()  # longer than the poll
+    assert sorted(c["messageId"] for c in hook.delivered()) == ["m-1", "m-2", "m-3"], "each replayed call sent once"
 
 
 # -- explain --------------------------------------------------------------------------
@@ -106,11 +103,11 @@ EXPLAIN_CALL = {"type": "track", "event": "Clicked", "userId": "u1", "messageId"
 
 
 def explain_config(tmp_path: Path, url: str) -> Path:
-    doc = {
-        "storage": {"path": str(tmp_path / "spool")},
-        "sources": [{"name": "web", "write_keys": ["test-write-key"]}],
-        "transforms": [{"type": "set_fields", "settings": {"values": {"context.gateway": "gw-1"}}}],
-        "destinations": [
+    path = tmp_path / "explain.yaml"
+    path.write_text(gateway_config(
+        tmp_path,
+        transforms=[{"type": "set_fields", "settings": {"values": {"context.gateway": "gw-1"}}}],
+        destinations=[
             {"name": "Hook", "type": "webhook", "settings": {"url": url},
              "transforms": [{"type": "drop_fields", "settings": {"paths": ["properties.secret"]}}]},
             {"name": "Identify only", "type": "webhook", "settings": {"url": url}, "filter": {"types": ["identify"]}},
@@ -119,10 +116,7 @@ def explain_config(tmp_path: Path, url: str) -> Path:
              "transforms": [{"type": "deny_events", "settings": {"events": ["Clicked"]}}]},
             {"name": "Tiny", "type": "webhook", "settings": {"url": url, "max_call_bytes": 50}},
             {"name": "Archive", "type": "file", "settings": {"path": str(tmp_path / "archive.jsonl")}},
-        ],
-    }
-    path = tmp_path / "explain.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        ]))
     return path
 
 
@@ -152,8 +146,9 @@ def check_explained(doc: dict[str, Any]) -> None:
                                   "why": "integrations.Archive is False"}
 
 
-async def test_explain_from_stdin_and_from_a_file_sends_nothing(make_fake: Any, tmp_path: Path) -> None:
-    hook = await make_fake()
+async def test_explain_from_stdin_and_from_a_file_sends_nothing(make_fake_destination: Any,
+                                                                tmp_path: Path) -> None:
+    hook = await make_fake_destination()
     cfg = explain_config(tmp_path, hook.url)
     rc, out, err = await cli("explain", "--config", str(cfg), "-", stdin=msgspec.json.encode(EXPLAIN_CALL))
     assert rc == 0, err
@@ -166,14 +161,14 @@ async def test_explain_from_stdin_and_from_a_file_sends_nothing(make_fake: Any, 
     rc, out, err = await cli("explain", "--config", str(cfg), str(call_file))
     assert rc == 0, err
     check_explained(msgspec.json.decode(out))
-    await asyncio.sleep(0.2)
+    await hook.wait_quiet()
     assert hook.requests == [], "explain never sends"
-    assert not (tmp_path / "spool").exists(), "explain never opens the spool"
+    assert not spool_path(tmp_path).exists(), "explain never opens the spool"
     assert not (tmp_path / "archive.jsonl").exists()
 
 
-async def test_explain_a_batch_and_a_rejected_call(make_fake: Any, tmp_path: Path) -> None:
-    hook = await make_fake()
+async def test_explain_a_batch_and_a_rejected_call(make_fake_destination: Any, tmp_path: Path) -> None:
+    hook = await make_fake_destination()
     cfg = explain_config(tmp_path, hook.url)
     batch = {"batch": [{"type": "identify", "userId": "u2", "messageId": "i-1"},
                        {"type": "track", "userId": "u2", "messageId": "t-1"}]}  # no event: rejected

@@ -1,12 +1,17 @@
 """docs/plugins.md documents every hook of the live plugin manager exactly
 once (what it is for, when it is called, what it returns), names no hook that
-does not exist, every hook has a test, and its complete example is the sample
-package the tests install."""
+does not exist, every hook has a test, its complete example is the sample
+package the tests install, and the example of "Testing your plugin" passes
+against that package."""
 
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from gateway.plugins import make_manager
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "plugins.md"
+TESTING_HEADING = "## Testing your plugin\n"
 SAMPLE = ROOT / "tests" / "plugins" / "sample_plugin"
 HEADING = re.compile(r"^### `(\w+)\((.*?)\)`$", re.MULTILINE)
 
@@ -100,3 +106,35 @@ def test_every_python_example_compiles() -> None:
     assert len(blocks) >= 5
     for block in blocks:
         compile(block, "docs/plugins.md", "exec")
+
+
+def section_on_testing() -> str:
+    """The "Testing your plugin" section of docs/plugins.md."""
+    text = DOC.read_text()
+    assert TESTING_HEADING in text, f"docs/plugins.md has no section {TESTING_HEADING.strip()!r}"
+    start = text.index(TESTING_HEADING)
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def test_the_testing_example_runs_against_the_sample_plugin(sample_site: Path, kit_entry_point: Path,
+                                                            tmp_path: Path) -> None:
+    """The section's example as a plugin package has it: a project of its own
+    with the section's pytest settings, the sample plugin installed, and the
+    kit found only through the gateway's ``pytest11`` entry point (this
+    repository's tests/conftest.py is not in that project)."""
+    section = section_on_testing()
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert tomllib.loads(_block(section, "toml", "declares the entry point"))["project"]["entry-points"] == \
+        {"pytest11": declared["pytest11"]}, "the section shows the entry point pyproject.toml declares"
+    project = tmp_path / "gateway-sample-plugin"
+    (project / "tests").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(_block(section, "toml", "pytest's settings"))
+    example = _block(section, "python", "`tests/test_collect.py`:")
+    (project / "tests" / "test_collect.py").write_text(example)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (ROOT, sample_site, kit_entry_point)))}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests"], cwd=project,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{done.stdout[-5000:]}\n{done.stderr[-3000:]}"
+    tests = len(re.findall(r"^async def test_", example, re.MULTILINE))
+    assert tests >= 3 and f"{tests} passed" in done.stdout, done.stdout[-2000:]

@@ -22,26 +22,28 @@ from typing import Any, Callable
 import msgspec
 import pytest
 
-from ingest_kit import AUTH, KEY, gw, post, stored  # noqa: F401 - gw is a fixture
-from gateway.config import Config
+from gateway import config as config_mod
 from gateway.ingest import Ingest, Prepared
 from gateway.ingest.timestamps import iso, parse_iso_datetime
+from gateway.testing import AUTH_HEADERS, WRITE_KEY, gateway_config, post, spool_calls
 
 NOW = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=timezone.utc)
 NOW_ISO = "2024-05-06T07:08:09.123Z"
-HEADERS = {"Authorization": f"Bearer {KEY}"}
+#: the spool is read right after each post; no purge may come first
+KEEP = {"retention": 3600}
 
 
 @pytest.fixture
-def ingest(make_config: Callable[..., Config]) -> Callable[..., Ingest]:
-    def make(body: str = "") -> Ingest:
-        return Ingest(make_config(body), [])
+def ingest(tmp_path: Path) -> Callable[..., Ingest]:
+    """``ingest(**config)``: the ingest stage of a gateway built from ``gateway_config``."""
+    def make(**config: Any) -> Ingest:
+        return Ingest(config_mod.loads(gateway_config(tmp_path, **config)), [])
     return make
 
 
 def prepare(ing: Ingest, kind: str, payload: Any, *, peer: str | None = "198.51.100.7",
             headers: dict[str, str] | None = None, now: datetime = NOW) -> tuple[Prepared, list[dict[str, Any]]]:
-    p = ing.prepare(kind, msgspec.json.encode(payload), {**HEADERS, **(headers or {})}, peer, now=now)
+    p = ing.prepare(kind, msgspec.json.encode(payload), {**AUTH_HEADERS, **(headers or {})}, peer, now=now)
     return p, [msgspec.json.decode(r) for r in p.rows]
 
 
@@ -156,15 +158,15 @@ def test_unreadable_times_reject_the_call(ingest: Callable[..., Ingest], field: 
     assert [(r.reason, r.field) for r in p.rejections] == [("bad_field", field)]
 
 
-async def test_skew_over_http(gw: Any, tmp_path: Path) -> None:
+async def test_skew_over_http(gateway_client: Any, tmp_path: Path) -> None:
     """The skew arithmetic end to end: exact to the millisecond against the
     receivedAt the gateway stored."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/batch", {
         "sentAt": "2020-01-01T00:00:10.000Z",
         "batch": [{"type": "track", "userId": "u1", "event": "E", "timestamp": "2020-01-01T00:00:07.250Z"}]})
     assert (got, doc) == (200, {})
-    [call] = stored(tmp_path)
+    [call] = spool_calls(tmp_path)
     received = parse_iso_datetime(call["receivedAt"])
     assert received is not None and abs((received - datetime.now(timezone.utc)).total_seconds()) < 30
     expected = received.timestamp() - 2.75
@@ -191,7 +193,7 @@ def test_context_ip_from_the_peer(ingest: Callable[..., Ingest]) -> None:
 def test_x_forwarded_for_only_from_trusted_proxies(ingest: Callable[..., Ingest]) -> None:
     """server.trusted_proxies (IPs or CIDRs): from those peers the client is the
     right-most address of X-Forwarded-For that is not itself a trusted proxy."""
-    ing = ingest("server:\n  trusted_proxies: ['10.0.0.0/8', '127.0.0.1']\n")
+    ing = ingest(server={"trusted_proxies": ["10.0.0.0/8", "127.0.0.1"]})
     xff = {"X-Forwarded-For": "203.0.113.9"}
     assert one(ing, "track", {"userId": "u1", "event": "E"}, peer="10.1.2.3", headers=xff)["context"]["ip"] \
         == "203.0.113.9"
@@ -203,20 +205,20 @@ def test_x_forwarded_for_only_from_trusted_proxies(ingest: Callable[..., Ingest]
     assert one(ing, "track", {"userId": "u1", "event": "E"}, peer="10.0.0.1")["context"]["ip"] == "10.0.0.1"
 
 
-async def test_context_ip_over_http(gw: Any, tmp_path: Path) -> None:
+async def test_context_ip_over_http(gateway_client: Any, tmp_path: Path) -> None:
     """The real peer address of the socket, and X-Forwarded-For from a trusted
     proxy (the test client connects from 127.0.0.1)."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     await post(client, "/v1/track", {"userId": "u1", "event": "E", "messageId": "a"},
                headers={"X-Forwarded-For": "203.0.113.9"})
-    assert stored(tmp_path)[0]["context"]["ip"] == "127.0.0.1"
+    assert spool_calls(tmp_path)[0]["context"]["ip"] == "127.0.0.1"
 
 
-async def test_context_ip_over_http_behind_a_trusted_proxy(gw: Any, tmp_path: Path) -> None:
-    client = await gw(server={"trusted_proxies": ["127.0.0.1"]})
+async def test_context_ip_over_http_behind_a_trusted_proxy(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(server={"trusted_proxies": ["127.0.0.1"]}, storage=KEEP)
     await post(client, "/v1/track", {"userId": "u1", "event": "E", "messageId": "b"},
                headers={"X-Forwarded-For": "203.0.113.9"})
-    assert stored(tmp_path)[0]["context"]["ip"] == "203.0.113.9"
+    assert spool_calls(tmp_path)[0]["context"]["ip"] == "203.0.113.9"
 
 
 # -- batch context and integrations ----------------------------------------------------------
@@ -283,27 +285,27 @@ def test_write_key_and_metadata_are_stripped_unknown_keys_kept(ingest: Callable[
     is stored; keys the gateway does not know (channel, version) are kept, as
     the Pipelines destination forwards calls as sent."""
     ing = ingest()
-    call = one(ing, "track", {"userId": "u1", "event": "E", "writeKey": KEY, "channel": "server",
+    call = one(ing, "track", {"userId": "u1", "event": "E", "writeKey": WRITE_KEY, "channel": "server",
                               "version": 2, "_metadata": {"bundled": ["Segment.io"], "unbundled": []}})
     assert "writeKey" not in call and "_metadata" not in call
     assert (call["channel"], call["version"]) == ("server", 2)
-    _, calls = prepare(ing, "batch", {"writeKey": KEY, "batch": [
-        {"type": "page", "anonymousId": "a1", "writeKey": KEY, "_metadata": {}}]})
+    _, calls = prepare(ing, "batch", {"writeKey": WRITE_KEY, "batch": [
+        {"type": "page", "anonymousId": "a1", "writeKey": WRITE_KEY, "_metadata": {}}]})
     assert "writeKey" not in calls[0] and "_metadata" not in calls[0]
-    assert KEY.encode() not in b"".join(ing.prepare("batch", msgspec.json.encode(
-        {"writeKey": KEY, "batch": [{"type": "page", "anonymousId": "a1", "writeKey": KEY}]}),
+    assert WRITE_KEY.encode() not in b"".join(ing.prepare("batch", msgspec.json.encode(
+        {"writeKey": WRITE_KEY, "batch": [{"type": "page", "anonymousId": "a1", "writeKey": WRITE_KEY}]}),
         {}, None, now=NOW).rows)
 
 
-async def test_enrichment_over_http(gw: Any, tmp_path: Path) -> None:
+async def test_enrichment_over_http(gateway_client: Any, tmp_path: Path) -> None:
     """Everything at once through the real app, read back from the spool."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/b", {
-        "writeKey": KEY, "context": {"locale": "de-DE"}, "integrations": {"All": True},
+        "writeKey": WRITE_KEY, "context": {"locale": "de-DE"}, "integrations": {"All": True},
         "batch": [{"type": "identify", "userId": "u1", "_metadata": {"x": 1},
                    "context": {"traits": {"name": "Ada"}}}]}, auth=False, headers={"Content-Type": "text/plain"})
     assert (got, doc) == (200, {})
-    [call] = stored(tmp_path)
+    [call] = spool_calls(tmp_path)
     assert set(call) == {"type", "userId", "context", "traits", "messageId", "receivedAt", "timestamp",
                          "integrations"}
     assert call["context"] == {"traits": {"name": "Ada"}, "locale": "de-DE", "ip": "127.0.0.1"}

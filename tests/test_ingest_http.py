@@ -23,15 +23,38 @@ from typing import Any
 import msgspec
 import pytest
 
-from ingest_kit import (  # noqa: F401 - gw is a fixture
-    AUTH, KEY, OTHER_KEY, STRICT, gw, metrics, padded, post, sample, spool_rows, stored, track,
-)
 from gateway.spool.sqlite import SqliteSpool
+from gateway.testing import (
+    AUTH_HEADERS, STRICT_HEADERS, WRITE_KEY, FakeDestination, metrics, post, sample, spool_calls, spool_path,
+    spool_query, track,
+)
 
 MAX_EVENT = 1024
 MAX_BATCH = 4096
 LIMITS = {"max_event_bytes": "1KiB", "max_batch_bytes": "4KiB"}
 GOOD = {"userId": "u1", "event": "Clicked", "messageId": "good-1"}
+#: no destination reads the spool, so all it stores counts as delivered, and
+#: the purge (every 2 s) would remove it: keep it for the test to read
+KEEP = {"retention": 3600}
+#: a second source, for the tests of which key a call is stored under
+OTHER_KEY = "other-write-key"
+WEB_AND_APP = [{"name": "web", "write_keys": [WRITE_KEY]}, {"name": "app", "write_keys": [OTHER_KEY]}]
+
+
+def padded(call: dict[str, Any], size: int) -> bytes:
+    """``call`` as JSON of exactly ``size`` bytes (padding in properties.pad)."""
+    call = {**call, "properties": {**call.get("properties", {}), "pad": ""}}
+    base = len(msgspec.json.encode(call))
+    assert base <= size, (base, size)
+    call["properties"]["pad"] = "x" * (size - base)
+    data = msgspec.json.encode(call)
+    assert len(data) == size
+    return data
+
+
+def spool_rows(tmp_path: Path) -> list[tuple[str, int, bytes]]:
+    """(source, count, data) of each row of the spool's ``events`` table."""
+    return spool_query(tmp_path, "SELECT source, count, data FROM events ORDER BY seq")  # type: ignore[return-value]
 
 
 def raw_deflate(data: bytes) -> bytes:
@@ -64,7 +87,7 @@ TABLE: dict[str, tuple[str, bytes, dict[str, str], bool, int, str, str | None, i
     "size-single-call": ("/v1/track", padded(GOOD, MAX_EVENT + 1), {}, True, 400, "size", "body", MAX_EVENT),
     "size-single-call-gzip": ("/v1/track", gzip.compress(padded(GOOD, MAX_EVENT + 1)),
                               {"Content-Encoding": "gzip"}, True, 400, "size", "body", MAX_EVENT),
-    "size-batch": ("/v1/batch", msgspec.json.encode({"batch": [track(i) for i in range(100)]}), {}, True,
+    "size-batch": ("/v1/batch", msgspec.json.encode({"batch": [track(f"m-{i}") for i in range(100)]}), {}, True,
                    400, "size", "body", MAX_BATCH),
     "json-malformed": ("/v1/track", b'{"userId": "u1", "event": ', {}, True, 400, "json", None, None),
     "json-not-an-object": ("/v1/track", b'["userId", "u1"]', {}, True, 400, "json", None, None),
@@ -84,12 +107,12 @@ TABLE: dict[str, tuple[str, bytes, dict[str, str], bool, int, str, str | None, i
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 @pytest.mark.parametrize("row", sorted(TABLE))
-async def test_strict_lax_table(gw: Any, tmp_path: Path, row: str, strict: bool) -> None:
+async def test_strict_lax_table(gateway_client: Any, tmp_path: Path, row: str, strict: bool) -> None:
     """seeds/pipelines-vs-track-api.txt, "Pipelines validation modes": with
     X-Strict-Mode: 1 each error is a 401/400 with details naming the field
     (and the limit); without it the answer is 200 and nothing is stored."""
     path, data, headers, with_key, status, reason, field, limit = TABLE[row]
-    client = await gw(server=LIMITS)
+    client = await gateway_client(server=LIMITS, storage=KEEP)
     got, doc, resp = await post(client, path, data, strict=strict, auth=with_key, headers=headers)
     assert resp.content_type == "application/json"
     if strict:
@@ -102,40 +125,40 @@ async def test_strict_lax_table(gw: Any, tmp_path: Path, row: str, strict: bool)
             assert str(limit) in doc["error"]
     else:
         assert (got, doc) == (200, {})
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
     ms = await metrics(client)
     assert sample(ms, "gateway_calls_rejected_total", reason=reason) == 1
     assert sample(ms, "gateway_http_requests_total", endpoint=path, status=str(got)) == 1
     assert not sample(ms, "gateway_calls_accepted_total", source="web")
     # The spool works: the next good call is stored, alone.
     assert (await post(client, "/v1/track", GOOD))[:2] == (200, {})
-    assert [c["messageId"] for c in stored(tmp_path)] == ["good-1"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["good-1"]
 
 
-async def test_strict_mode_only_for_the_value_1(gw: Any, tmp_path: Path) -> None:
+async def test_strict_mode_only_for_the_value_1(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-api-reference.txt, X-Strict-Mode: "When not set or set to
     any other value, the API operates in permissive mode"."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     assert (await post(client, "/v1/track", {"userId": "u1"}, headers={"X-Strict-Mode": "0"}))[:2] == (200, {})
     assert (await post(client, "/v1/track", {"userId": "u1"}, headers={"X-Strict-Mode": " 1 "}))[0] == 400
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
-async def test_strict_mode_true_is_permissive_per_seed(gw: Any) -> None:
+async def test_strict_mode_true_is_permissive_per_seed(gateway_client: Any) -> None:
     """seeds/pipelines-api-reference.txt, X-Strict-Mode header (enum: 1)."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     assert (await post(client, "/v1/track", {"userId": "u1"}, headers={"X-Strict-Mode": "true"}))[:2] == (200, {})
 
 
-async def test_source_configured_strict_without_header(gw: Any, tmp_path: Path) -> None:
+async def test_source_configured_strict_without_header(gateway_client: Any, tmp_path: Path) -> None:
     """DESIGN.md: lax is "the default per source"; ``strict: true`` makes every
     request of that source strict (seeds/pipelines-vs-track-api.txt table)."""
-    client = await gw(sources=[{"name": "web", "write_keys": [KEY], "strict": True}])
+    client = await gateway_client(storage=KEEP, sources=[{"name": "web", "write_keys": [WRITE_KEY], "strict": True}])
     got, doc, _ = await post(client, "/v1/track", {"userId": "u1"})
     assert (got, doc["reason"], doc["field"]) == (400, "missing_field", "event")
-    got, doc, _ = await post(client, "/v1/batch", {"batch": [track(1), {"type": "group", "userId": "u1"}]})
+    got, doc, _ = await post(client, "/v1/batch", {"batch": [track("m-1"), {"type": "group", "userId": "u1"}]})
     assert got == 400 and [(e["index"], e["field"]) for e in doc["errors"]] == [(1, "batch[1].groupId")]
-    assert [c["messageId"] for c in stored(tmp_path)] == ["m-1"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["m-1"]
 
 
 @pytest.mark.parametrize("data,headers,reason", [
@@ -143,20 +166,21 @@ async def test_source_configured_strict_without_header(gw: Any, tmp_path: Path) 
     (b"x" * 2000, {}, "size"),
     (b"not gzip", {"Content-Encoding": "gzip"}, "encoding"),
 ], ids=["json", "size", "encoding"])
-async def test_strict_source_rejects_whole_request_errors(gw: Any, data: bytes, headers: dict[str, str],
+async def test_strict_source_rejects_whole_request_errors(gateway_client: Any, data: bytes, headers: dict[str, str],
                                                           reason: str) -> None:
     """seeds/pipelines-vs-track-api.txt table, for a source with ``strict: true``."""
-    client = await gw(server=LIMITS, sources=[{"name": "web", "write_keys": [KEY], "strict": True}])
+    client = await gateway_client(server=LIMITS, storage=KEEP,
+                                  sources=[{"name": "web", "write_keys": [WRITE_KEY], "strict": True}])
     got, doc, _ = await post(client, "/v1/track", data, headers=headers)
     assert got == 400 and doc["reason"] == reason
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
-async def test_deeply_nested_json_is_a_json_error(gw: Any, tmp_path: Path, path: str, strict: bool) -> None:
+async def test_deeply_nested_json_is_a_json_error(gateway_client: Any, tmp_path: Path, path: str, strict: bool) -> None:
     """seeds/pipelines-vs-track-api.txt: JSON validation failures are 400 in
     strict mode, 200 in lax mode; never a 500."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     nested = b'{"userId": "u1", "event": "x", "type": "track", "properties": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
     data = nested if path == "/v1/track" else b'{"batch": [' + nested + b"]}"
     got, doc, _ = await post(client, path, data, strict=strict)
@@ -164,24 +188,24 @@ async def test_deeply_nested_json_is_a_json_error(gw: Any, tmp_path: Path, path:
         assert got == 400 and doc["reason"] == "json", doc
     else:
         assert (got, doc) == (200, {})
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
 @pytest.mark.xfail(reason="known limitation: Content-Encoding br/zstd is refused by aiohttp's parser "
                           "(plain-text 400) before the gateway sees the request, in both modes; no SDK sends "
                           "them", strict=True)
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
-async def test_unsupported_encoding_br_follows_the_table(gw: Any, tmp_path: Path, strict: bool) -> None:
+async def test_unsupported_encoding_br_follows_the_table(gateway_client: Any, tmp_path: Path, strict: bool) -> None:
     """seeds/pipelines-vs-track-api.txt: content encoding errors are 400 in
     strict mode, 200 in lax mode."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/track", GOOD, strict=strict, headers={"Content-Encoding": "br"})
     if strict:
         assert got == 400 and isinstance(doc, dict), doc
         assert (doc["reason"], doc["field"]) == ("encoding", "Content-Encoding")
     else:
         assert (got, doc) == (200, {})
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
 # -- required fields by type --------------------------------------------------------
@@ -192,10 +216,10 @@ EXTRA = {"identify": {}, "track": {"event": "Clicked"}, "page": {"name": "Home"}
 
 
 @pytest.mark.parametrize("type_", PERSON_TYPES)
-async def test_person_types_need_user_or_anonymous_id(gw: Any, tmp_path: Path, type_: str) -> None:
+async def test_person_types_need_user_or_anonymous_id(gateway_client: Any, tmp_path: Path, type_: str) -> None:
     """seeds/pipelines-vs-track-api.txt, "Required fields by request type":
     Identify, Track, Page, Screen and Alias need userId or anonymousId."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, f"/v1/{type_}", {**EXTRA[type_], "messageId": "none"}, strict=True)
     assert (got, doc["reason"], doc["field"]) == (400, "missing_field", "userId")
     assert "userId or anonymousId" in doc["error"]
@@ -206,46 +230,46 @@ async def test_person_types_need_user_or_anonymous_id(gw: Any, tmp_path: Path, t
                        strict=True))[:2] == (200, {})
     assert (await post(client, f"/v1/{type_}", {**EXTRA[type_], "anonymousId": "a1", "messageId": "by-anon"},
                        strict=True))[:2] == (200, {})
-    got_calls = stored(tmp_path)
+    got_calls = spool_calls(tmp_path)
     assert [(c["type"], c["messageId"]) for c in got_calls] == [(type_, "by-user"), (type_, "by-anon")]
 
 
-async def test_track_needs_an_event_name(gw: Any, tmp_path: Path) -> None:
+async def test_track_needs_an_event_name(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-vs-track-api.txt: "Track calls require an event name"."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     for event in (None, "", 5):
         call = {"userId": "u1"} if event is None else {"userId": "u1", "event": event}
         got, doc, _ = await post(client, "/v1/track", call, strict=True)
         assert (got, doc["field"]) == (400, "event"), event
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
-async def test_group_needs_group_id_only(gw: Any, tmp_path: Path) -> None:
+async def test_group_needs_group_id_only(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-vs-track-api.txt: "Group calls require a groupId" (and
     nothing else of the person list)."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/group", {"userId": "u1", "groupId": ""}, strict=True)
     assert (got, doc["field"]) == (400, "groupId")
     assert (await post(client, "/v1/group", {"groupId": "g1", "messageId": "g"}, strict=True))[:2] == (200, {})
-    assert [(c["type"], c["groupId"]) for c in stored(tmp_path)] == [("group", "g1")]
+    assert [(c["type"], c["groupId"]) for c in spool_calls(tmp_path)] == [("group", "g1")]
 
 
-async def test_alias_needs_previous_id_and_may_equal_user_id(gw: Any, tmp_path: Path) -> None:
+async def test_alias_needs_previous_id_and_may_equal_user_id(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-vs-track-api.txt: "Alias calls require a previousId";
     seeds/pipelines-api-reference.txt, "Merge profiles": previousId and userId.
     An alias whose userId equals its previousId is still a valid call."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/alias", {"userId": "u1"}, strict=True)
     assert (got, doc["field"]) == (400, "previousId")
     assert (await post(client, "/v1/alias", {"userId": "u1", "previousId": "u1", "messageId": "same"},
                        strict=True))[:2] == (200, {})
-    assert [(c["userId"], c["previousId"]) for c in stored(tmp_path)] == [("u1", "u1")]
+    assert [(c["userId"], c["previousId"]) for c in spool_calls(tmp_path)] == [("u1", "u1")]
 
 
-async def test_required_fields_inside_a_batch(gw: Any, tmp_path: Path) -> None:
+async def test_required_fields_inside_a_batch(gateway_client: Any, tmp_path: Path) -> None:
     """The same rules apply to every call of a batch, and a batch call needs a
     type (seeds/pipelines-api-reference.txt, "Batch requests")."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     batch = [
         {"type": "identify", "userId": "u1", "messageId": "ok-0"},
         {"type": "identify", "messageId": "bad-1"},
@@ -273,53 +297,54 @@ async def test_required_fields_inside_a_batch(gw: Any, tmp_path: Path) -> None:
         (9, "batch[9]", "json"),
     ]
     assert all(isinstance(e["message"], str) and e["message"] for e in doc["errors"])
-    assert [c["messageId"] for c in stored(tmp_path)] == ["ok-0", "ok-3", "ok-10"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["ok-0", "ok-3", "ok-10"]
 
 
 # -- partial batches ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/v1/batch", "/v1/import", "/v1/b"])
-async def test_lax_partial_batch_keeps_good_calls(gw: Any, tmp_path: Path, path: str) -> None:
+async def test_lax_partial_batch_keeps_good_calls(gateway_client: Any, tmp_path: Path, path: str) -> None:
     """DESIGN.md: "A batch keeps its good events"; lax answers 200 {}
     (seeds/pipelines-vs-track-api.txt table)."""
-    client = await gw()
-    batch = [track(0), {"type": "track", "userId": "u1", "messageId": "bad"}, track(2)]
+    client = await gateway_client(storage=KEEP)
+    batch = [track("m-0"), {"type": "track", "userId": "u1", "messageId": "bad"}, track("m-2")]
     assert (await post(client, path, {"batch": batch}))[:2] == (200, {})
-    assert [c["messageId"] for c in stored(tmp_path)] == ["m-0", "m-2"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["m-0", "m-2"]
     ms = await metrics(client)
     assert sample(ms, "gateway_calls_accepted_total", source="web") == 2
     assert sample(ms, "gateway_calls_rejected_total", reason="missing_field") == 1
 
 
-async def test_lax_rejections_never_reach_a_destination(gw: Any, sink: Any, tmp_path: Path) -> None:
+async def test_lax_rejections_never_reach_a_destination(gateway_client: Any, fake_destination: FakeDestination,
+                                                        tmp_path: Path) -> None:
     """What a webhook destination receives after a mix of good and bad lax
     requests is exactly the good calls (seeds/pipelines-vs-track-api.txt: lax
     mode logs the error, answers 200 and the request "will not go through")."""
-    client = await gw(server=LIMITS, destinations=[
-        {"name": "Hook", "type": "webhook", "settings": {"url": sink.url}, "batch": {"max_wait": 0.01}}])
+    client = await gateway_client(server=LIMITS, storage=KEEP, destinations=[
+        {"name": "Hook", "type": "webhook", "settings": {"url": fake_destination.url}, "batch": {"max_wait": 0.01}}])
     for data, headers, auth in (
-        (msgspec.json.encode(track("ok-1")), {}, True),
-        (msgspec.json.encode(track("bad-key")), {"Authorization": "Bearer nope"}, False),
+        (msgspec.json.encode(track("m-ok-1")), {}, True),
+        (msgspec.json.encode(track("m-bad-key")), {"Authorization": "Bearer nope"}, False),
         (b"garbage", {"Content-Encoding": "gzip"}, True),
-        (padded(track("too-big"), MAX_EVENT + 1), {}, True),
+        (padded(track("m-too-big"), MAX_EVENT + 1), {}, True),
         (b"{", {}, True),
         (msgspec.json.encode({"userId": "u1", "messageId": "no-event"}), {}, True),
-        (msgspec.json.encode({"batch": [track("ok-2"), {"type": "alias", "userId": "u1", "messageId": "no-prev"},
-                                        msgspec.json.decode(padded(track("big-in-batch"), MAX_EVENT + 10))]}),
+        (msgspec.json.encode({"batch": [track("m-ok-2"), {"type": "alias", "userId": "u1", "messageId": "no-prev"},
+                                        msgspec.json.decode(padded(track("m-big-in-batch"), MAX_EVENT + 10))]}),
          {}, True),
     ):
         path = "/v1/batch" if data.startswith(b'{"batch"') else "/v1/track"
         assert (await post(client, path, data, auth=auth, headers=headers))[:2] == (200, {})
-    await sink.wait_for(2)
-    await asyncio.sleep(0.3)
-    assert [c["messageId"] for c in sink.calls] == ["m-ok-1", "m-ok-2"]
+    await fake_destination.wait_delivered(2)
+    await fake_destination.wait_quiet()  # anything else stored would be delivered within it
+    assert [c["messageId"] for c in fake_destination.delivered()] == ["m-ok-1", "m-ok-2"]
 
 
-async def test_strict_partial_batch_lists_rejections_and_stores_the_rest(gw: Any, tmp_path: Path) -> None:
+async def test_strict_partial_batch_lists_rejections_and_stores_the_rest(gateway_client: Any, tmp_path: Path) -> None:
     """Our documented strict answer for a partial batch: 400 naming each
     rejected call's index and field, while the good calls ARE stored."""
-    client = await gw()
-    batch = [track(0), {"type": "group", "userId": "u1"}, track(2), {"type": "track", "event": "x"}]
+    client = await gateway_client(storage=KEEP)
+    batch = [track("m-0"), {"type": "group", "userId": "u1"}, track("m-2"), {"type": "track", "event": "x"}]
     got, doc, _ = await post(client, "/v1/batch", {"batch": batch}, strict=True)
     assert got == 400
     assert doc["accepted"] == 2
@@ -328,25 +353,25 @@ async def test_strict_partial_batch_lists_rejections_and_stores_the_rest(gw: Any
         {"index": 1, "field": "batch[1].groupId", "reason": "missing_field"},
         {"index": 3, "field": "batch[3].userId", "reason": "missing_field"},
     ]
-    assert [c["messageId"] for c in stored(tmp_path)] == ["m-0", "m-2"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["m-0", "m-2"]
 
 
-async def test_batch_where_every_call_is_bad_stores_nothing(gw: Any, tmp_path: Path) -> None:
-    client = await gw()
+async def test_batch_where_every_call_is_bad_stores_nothing(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/batch", {"batch": [{"type": "track"}]}, strict=True)
     assert (got, doc["accepted"]) == (400, 0)
     assert (await post(client, "/v1/batch", {"batch": []}))[:2] == (200, {})
-    assert stored(tmp_path) == [] and spool_rows(tmp_path) == []
+    assert spool_calls(tmp_path) == [] and spool_rows(tmp_path) == []
 
 
 # -- write keys --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["basic", "basic-no-colon", "bearer", "body", "body-batch", "bearer-lowercase"])
-async def test_each_way_of_passing_the_write_key(gw: Any, tmp_path: Path, how: str) -> None:
+async def test_each_way_of_passing_the_write_key(gateway_client: Any, tmp_path: Path, how: str) -> None:
     """seeds/pipelines-api-reference.txt, "Authentication": the key is the
     Basic username with a blank password; DESIGN.md adds Bearer and writeKey
     in the body (browser SDKs).  writeKey is never stored."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP, sources=WEB_AND_APP)
     headers: dict[str, str] = {}
     call: dict[str, Any] = dict(GOOD)
     path, payload = "/v1/track", call
@@ -368,37 +393,37 @@ async def test_each_way_of_passing_the_write_key(gw: Any, tmp_path: Path, how: s
     rows = spool_rows(tmp_path)
     assert [(r[0], r[1]) for r in rows] == [("app", 1)], "stored under the source the key belongs to"
     assert b"writeKey" not in rows[0][2] and OTHER_KEY.encode() not in rows[0][2]
-    [stored_call] = stored(tmp_path)
+    [stored_call] = spool_calls(tmp_path)
     assert stored_call["messageId"] == "good-1" and "writeKey" not in stored_call
 
 
-async def test_bad_key_in_header_wins_over_good_key_in_body(gw: Any, tmp_path: Path) -> None:
+async def test_bad_key_in_header_wins_over_good_key_in_body(gateway_client: Any, tmp_path: Path) -> None:
     """A wrong Authorization header is an authentication error even when the
     body carries a valid writeKey (seeds/pipelines-vs-track-api.txt: 401)."""
-    client = await gw()
-    got, doc, _ = await post(client, "/v1/track", {**GOOD, "writeKey": KEY}, auth=False, strict=True,
+    client = await gateway_client(storage=KEEP)
+    got, doc, _ = await post(client, "/v1/track", {**GOOD, "writeKey": WRITE_KEY}, auth=False, strict=True,
                              headers={"Authorization": "Bearer wrong-key"})
     assert (got, doc["reason"], doc["field"]) == (401, "auth", "Authorization")
     # An Authorization header that is not Basic/Bearer is no key: the body's is used.
-    got, doc, _ = await post(client, "/v1/track", {**GOOD, "writeKey": KEY}, auth=False, strict=True,
+    got, doc, _ = await post(client, "/v1/track", {**GOOD, "writeKey": WRITE_KEY}, auth=False, strict=True,
                              headers={"Authorization": "Digest abc"})
     assert (got, doc) == (200, {})
     # A good header key with a wrong body key: the header decides, the body key is dropped.
     got, doc, _ = await post(client, "/v1/track", {**GOOD, "messageId": "g2", "writeKey": "wrong"}, strict=True)
     assert (got, doc) == (200, {})
-    assert [(c["messageId"], "writeKey" in c) for c in stored(tmp_path)] == [("good-1", False), ("g2", False)]
+    assert [(c["messageId"], "writeKey" in c) for c in spool_calls(tmp_path)] == [("good-1", False), ("g2", False)]
     assert [r[0] for r in spool_rows(tmp_path)] == ["web", "web"]
 
 
-async def test_write_key_must_be_a_string(gw: Any, tmp_path: Path) -> None:
-    client = await gw()
-    for key in (123, None, ["test-write-key"], {"k": 1}):
+async def test_write_key_must_be_a_string(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP)
+    for key in (123, None, [WRITE_KEY], {"k": 1}):
         got, doc, _ = await post(client, "/v1/track", {**GOOD, "writeKey": key}, auth=False, strict=True)
         assert (got, doc["reason"]) == (401, "auth"), key
-        got, doc, _ = await post(client, "/v1/batch", {"batch": [track(1)], "writeKey": key}, auth=False,
+        got, doc, _ = await post(client, "/v1/batch", {"batch": [track("m-1")], "writeKey": key}, auth=False,
                                  strict=True)
         assert (got, doc["reason"]) == (401, "auth"), key
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
 # -- content encodings -------------------------------------------------------------------
@@ -410,24 +435,24 @@ async def test_write_key_must_be_a_string(gw: Any, tmp_path: Path) -> None:
     ("deflate", zlib.compress), ("deflate", raw_deflate), ("identity", lambda b: b),
 ], ids=["gzip", "x-gzip", "GZIP", "deflate-zlib", "deflate-raw", "identity"])
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
-async def test_compressed_bodies_are_stored(gw: Any, tmp_path: Path, encoding: str, compress: Any,
+async def test_compressed_bodies_are_stored(gateway_client: Any, tmp_path: Path, encoding: str, compress: Any,
                                             path: str) -> None:
     """DESIGN.md: ``Content-Encoding: gzip|deflate`` (deflate both as zlib and
     raw, as HTTP clients disagree); seeds/pipelines-vs-track-api.txt table."""
-    client = await gw()
-    payload = GOOD if path == "/v1/track" else {"batch": [track(1), track(2)]}
+    client = await gateway_client(storage=KEEP)
+    payload = GOOD if path == "/v1/track" else {"batch": [track("m-1"), track("m-2")]}
     got, doc, _ = await post(client, path, compress(msgspec.json.encode(payload)), strict=True,
                              headers={"Content-Encoding": encoding})
     assert (got, doc) == (200, {})
     want = ["good-1"] if path == "/v1/track" else ["m-1", "m-2"]
-    assert [c["messageId"] for c in stored(tmp_path)] == want
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == want
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
-async def test_broken_gzip_never_500(gw: Any, tmp_path: Path, strict: bool) -> None:
+async def test_broken_gzip_never_500(gateway_client: Any, tmp_path: Path, strict: bool) -> None:
     """Invalid gzip in every shape: 400 in strict mode, 200 in lax, never a
     500 and never stored (seeds/pipelines-vs-track-api.txt table)."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     good = gzip.compress(msgspec.json.encode(GOOD))
     bodies = {
         "garbage": b"\x00\x01garbage",
@@ -444,7 +469,7 @@ async def test_broken_gzip_never_500(gw: Any, tmp_path: Path, strict: bool) -> N
             assert doc["reason"] in ("encoding", "json"), (name, doc)
         else:
             assert (got, doc) == (200, {}), name
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
     ms = await metrics(client)
     assert not [k for k in ms if k[0] == "gateway_http_requests_total" and dict(k[1])["status"] == "500"]
 
@@ -452,22 +477,22 @@ async def test_broken_gzip_never_500(gw: Any, tmp_path: Path, strict: bool) -> N
 @pytest.mark.xfail(reason="known limitation: aiohttp inflates gzip bodies and never checks that the stream "
                           "ended (it does for deflate), so a gzip body cut before its 8-byte trailer is accepted "
                           "when what was inflated is valid JSON", strict=True)
-async def test_gzip_without_trailer_is_an_encoding_error(gw: Any, tmp_path: Path) -> None:
+async def test_gzip_without_trailer_is_an_encoding_error(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-vs-track-api.txt: invalid gzip → 400 in strict mode."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     data = gzip.compress(msgspec.json.encode(GOOD))[:-8]
     got, doc, _ = await post(client, "/v1/track", data, strict=True, headers={"Content-Encoding": "gzip"})
     assert (got, doc.get("reason")) == (400, "encoding")
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
 # -- limits --------------------------------------------------------------------------------
 
-async def test_max_event_bytes_on_a_single_call_is_exact(gw: Any, tmp_path: Path) -> None:
+async def test_max_event_bytes_on_a_single_call_is_exact(gateway_client: Any, tmp_path: Path) -> None:
     """server.max_event_bytes bounds one call (seeds/pipelines-vs-track-api.txt,
     "Maximum request sizes"): exactly the limit passes, one byte more fails,
     also when it only grows past the limit once decompressed."""
-    client = await gw(server=LIMITS)
+    client = await gateway_client(server=LIMITS, storage=KEEP)
     at = padded({**GOOD, "messageId": "at-limit"}, MAX_EVENT)
     over = padded({**GOOD, "messageId": "over"}, MAX_EVENT + 1)
     assert (await post(client, "/v1/track", at, strict=True))[:2] == (200, {})
@@ -483,20 +508,20 @@ async def test_max_event_bytes_on_a_single_call_is_exact(gw: Any, tmp_path: Path
         yield over[:500]
         yield over[500:]
 
-    resp = await client.post("/v1/track", data=chunked(), headers={**AUTH, **STRICT})
+    resp = await client.post("/v1/track", data=chunked(), headers={**AUTH_HEADERS, **STRICT_HEADERS})
     doc = await resp.json()
     assert (resp.status, doc["reason"], doc["limit"]) == (400, "size", MAX_EVENT)
-    assert [c["messageId"] for c in stored(tmp_path)] == ["at-limit"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["at-limit"]
 
 
-async def test_max_batch_bytes_is_exact(gw: Any, tmp_path: Path) -> None:
+async def test_max_batch_bytes_is_exact(gateway_client: Any, tmp_path: Path) -> None:
     """server.max_batch_bytes bounds a batch request (seeds/pipelines-vs-track-api.txt,
     "Maximum request sizes"), before and after decompression."""
-    client = await gw(server=LIMITS)
+    client = await gateway_client(server=LIMITS, storage=KEEP)
 
     def batch_of(size: int, tag: str) -> bytes:
-        head = msgspec.json.encode({"batch": [track(f"{tag}-0")], "pad": ""})
-        doc = {"batch": [track(f"{tag}-0")], "pad": "x" * (size - len(head))}
+        head = msgspec.json.encode({"batch": [track(f"m-{tag}-0")], "pad": ""})
+        doc = {"batch": [track(f"m-{tag}-0")], "pad": "x" * (size - len(head))}
         data = msgspec.json.encode(doc)
         assert len(data) == size
         return data
@@ -507,35 +532,35 @@ async def test_max_batch_bytes_is_exact(gw: Any, tmp_path: Path) -> None:
     got, doc, _ = await post(client, "/v1/batch", gzip.compress(batch_of(MAX_BATCH + 1, "gz")), strict=True,
                              headers={"Content-Encoding": "gzip"})
     assert (got, doc["reason"], doc["limit"]) == (400, "size", MAX_BATCH)
-    assert [c["messageId"] for c in stored(tmp_path)] == ["m-at-0"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["m-at-0"]
 
 
-async def test_max_event_bytes_applies_to_each_call_of_a_batch(gw: Any, tmp_path: Path) -> None:
+async def test_max_event_bytes_applies_to_each_call_of_a_batch(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-api-reference.txt, "Batch requests": a limit per call in
     the request; the oversized call is rejected by index, the others stored."""
-    client = await gw(server=LIMITS)
-    big = msgspec.json.decode(padded(track("big"), MAX_EVENT + 200))
-    got, doc, _ = await post(client, "/v1/batch", {"batch": [track(0), big, track(2)]}, strict=True)
+    client = await gateway_client(server=LIMITS, storage=KEEP)
+    big = msgspec.json.decode(padded(track("m-big"), MAX_EVENT + 200))
+    got, doc, _ = await post(client, "/v1/batch", {"batch": [track("m-0"), big, track("m-2")]}, strict=True)
     assert got == 400
     assert [(e["index"], e["reason"], e["field"], e["limit"]) for e in doc["errors"]] == [
         (1, "size", "batch[1]", MAX_EVENT)]
-    assert (await post(client, "/v1/batch", {"batch": [track(3), big]}))[:2] == (200, {})
-    assert [c["messageId"] for c in stored(tmp_path)] == ["m-0", "m-2", "m-3"]
+    assert (await post(client, "/v1/batch", {"batch": [track("m-3"), big]}))[:2] == (200, {})
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["m-0", "m-2", "m-3"]
     ms = await metrics(client)
     assert sample(ms, "gateway_calls_rejected_total", reason="size") == 2
 
 
-async def test_batch_call_at_the_limit_is_accepted_like_a_single_call(gw: Any, tmp_path: Path) -> None:
+async def test_batch_call_at_the_limit_is_accepted_like_a_single_call(gateway_client: Any, tmp_path: Path) -> None:
     """seeds/pipelines-api-reference.txt: "32KB per call in the request": the
     call as sent, the same measure as for a single call."""
-    client = await gw(server=LIMITS)
+    client = await gateway_client(server=LIMITS, storage=KEEP)
     call = padded({"userId": "u1", "event": "Clicked", "messageId": "alone"}, MAX_EVENT)
     assert (await post(client, "/v1/track", call, strict=True))[:2] == (200, {})
     in_batch = msgspec.json.decode(padded({"type": "track", "userId": "u1", "event": "Clicked",
                                            "messageId": "in-batch"}, MAX_EVENT))
     got, doc, _ = await post(client, "/v1/batch", {"batch": [in_batch]}, strict=True)
     assert (got, doc) == (200, {})
-    assert [c["messageId"] for c in stored(tmp_path)] == ["alone", "in-batch"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["alone", "in-batch"]
 
 
 async def test_gzip_bomb_is_refused_without_inflating_it(gateway_process: Any, tmp_path: Path) -> None:
@@ -543,7 +568,7 @@ async def test_gzip_bomb_is_refused_without_inflating_it(gateway_process: Any, t
     max_batch_bytes (400 strict, 200 lax), and the server process's peak memory
     stays far below the inflated size (read from /proc/PID/status)."""
     import aiohttp
-    proc = gateway_process("server: {max_batch_bytes: 1MiB, max_event_bytes: 64KiB}\n")
+    proc = await gateway_process(server={"max_batch_bytes": "1MiB", "max_event_bytes": "64KiB"})
     co = zlib.compressobj(9, zlib.DEFLATED, 31)
     chunk = b" " * (1 << 20)
     bomb = co.compress(b'{"batch": [') + b"".join(co.compress(chunk) for _ in range(200)) + co.flush()
@@ -560,7 +585,8 @@ async def test_gzip_bomb_is_refused_without_inflating_it(gateway_process: Any, t
     async with aiohttp.ClientSession() as s:
         for strict, want in ((True, 400), (False, 200)):
             async with s.post(f"{proc.url}/v1/batch", data=bomb,
-                              headers={**AUTH, "Content-Encoding": "gzip", **(STRICT if strict else {})}) as r:
+                              headers={**AUTH_HEADERS, "Content-Encoding": "gzip",
+                                       **(STRICT_HEADERS if strict else {})}) as r:
                 assert r.status == want
                 doc = await r.json()
                 if strict:
@@ -568,7 +594,7 @@ async def test_gzip_bomb_is_refused_without_inflating_it(gateway_process: Any, t
                 else:
                     assert doc == {}
         # The server is alive and well afterwards.
-        async with s.post(f"{proc.url}/v1/track", json=GOOD, headers=AUTH) as r:
+        async with s.post(f"{proc.url}/v1/track", json=GOOD, headers=AUTH_HEADERS) as r:
             assert r.status == 200
     grown_mib = (peak_kib() - before) / 1024
     print(f"gzip bomb: peak RSS {before} KiB before, grew {grown_mib:.1f} MiB")
@@ -577,16 +603,16 @@ async def test_gzip_bomb_is_refused_without_inflating_it(gateway_process: Any, t
 
 # -- text/plain, paths ---------------------------------------------------------------------
 
-async def test_text_plain_bodies(gw: Any, tmp_path: Path) -> None:
+async def test_text_plain_bodies(gateway_client: Any, tmp_path: Path) -> None:
     """DESIGN.md: text/plain bodies too (browsers' sendBeacon), key in the body."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     h = {"Content-Type": "text/plain;charset=UTF-8"}
-    assert (await post(client, "/v1/track", {**GOOD, "writeKey": KEY}, auth=False, headers=h))[:2] == (200, {})
-    assert (await post(client, "/v1/batch", {"batch": [track(1)], "writeKey": KEY}, auth=False,
+    assert (await post(client, "/v1/track", {**GOOD, "writeKey": WRITE_KEY}, auth=False, headers=h))[:2] == (200, {})
+    assert (await post(client, "/v1/batch", {"batch": [track("m-1")], "writeKey": WRITE_KEY}, auth=False,
                        headers=h))[:2] == (200, {})
-    assert (await post(client, "/v1/track", {**GOOD, "writeKey": KEY}, auth=False,
+    assert (await post(client, "/v1/track", {**GOOD, "writeKey": WRITE_KEY, "messageId": "good-2"}, auth=False,
                        headers={"Content-Type": "application/x-www-form-urlencoded"}))[:2] == (200, {})
-    assert [c["messageId"] for c in stored(tmp_path)] == ["good-1", "m-1", "good-1"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["good-1", "m-1", "good-2"]
 
 
 @pytest.mark.parametrize("path,type_", [
@@ -595,89 +621,91 @@ async def test_text_plain_bodies(gw: Any, tmp_path: Path) -> None:
     ("/v1/identify", "identify"), ("/v1/track", "track"), ("/v1/page", "page"), ("/v1/screen", "screen"),
     ("/v1/group", "group"), ("/v1/alias", "alias"),
 ])
-async def test_single_call_paths(gw: Any, tmp_path: Path, path: str, type_: str) -> None:
+async def test_single_call_paths(gateway_client: Any, tmp_path: Path, path: str, type_: str) -> None:
     """DESIGN.md, "HTTP API": the Pipelines paths and the browser short aliases,
     text/plain with the key in the body; the path gives the type."""
-    client = await gw()
-    call = {"userId": "u1", **EXTRA[type_], "messageId": "x", "writeKey": KEY}
+    client = await gateway_client(storage=KEEP)
+    call = {"userId": "u1", **EXTRA[type_], "messageId": "x", "writeKey": WRITE_KEY}
     got, doc, _ = await post(client, path, call, auth=False, strict=True, headers={"Content-Type": "text/plain"})
     assert (got, doc) == (200, {})
-    [c] = stored(tmp_path)
+    [c] = spool_calls(tmp_path)
     assert (c["type"], c["messageId"]) == (type_, "x")
     ms = await metrics(client)
     assert sample(ms, "gateway_http_requests_total", endpoint=path, status="200") == 1
 
 
 @pytest.mark.parametrize("path", ["/v1/batch", "/v1/import", "/v1/b"])
-async def test_batch_paths(gw: Any, tmp_path: Path, path: str) -> None:
+async def test_batch_paths(gateway_client: Any, tmp_path: Path, path: str) -> None:
     """seeds/pipelines-api-reference.txt, "Batch requests"; DESIGN.md: /v1/import
     is a synonym of batch and /v1/b the browser alias."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     calls = [{"type": t, "userId": "u1", **EXTRA[t], "messageId": t} for t in EXTRA]
-    got, doc, _ = await post(client, path, {"batch": calls, "writeKey": KEY}, auth=False, strict=True,
+    got, doc, _ = await post(client, path, {"batch": calls, "writeKey": WRITE_KEY}, auth=False, strict=True,
                              headers={"Content-Type": "text/plain"})
     assert (got, doc) == (200, {})
-    assert [(c["type"], c["messageId"]) for c in stored(tmp_path)] == [(t, t) for t in EXTRA]
+    assert [(c["type"], c["messageId"]) for c in spool_calls(tmp_path)] == [(t, t) for t in EXTRA]
     rows = spool_rows(tmp_path)
     assert {r[0] for r in rows} == {"web"} and sum(r[1] for r in rows) == 6
 
 
-async def test_unknown_paths_and_methods(gw: Any, tmp_path: Path) -> None:
+async def test_unknown_paths_and_methods(gateway_client: Any, tmp_path: Path) -> None:
     """Only the documented paths exist (DESIGN.md, "HTTP API")."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     for path in ("/v1/xyz", "/v1/tracks", "/v2/track", "/v1/track/extra", "/track"):
         got, _, _ = await post(client, path, GOOD)
         assert got == 404, path
     resp = await client.get("/v1/track")
     assert resp.status == 405
-    assert stored(tmp_path) == []
+    assert spool_calls(tmp_path) == []
 
 
 # -- health, readiness, overload ----------------------------------------------------------
 
-async def test_health_and_ready(gw: Any) -> None:
+async def test_health_and_ready(gateway_client: Any) -> None:
     """DESIGN.md: GET /health (alive), GET /ready (spool writable, config loaded)."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP)
     resp = await client.get("/health")
     assert (resp.status, await resp.json()) == (200, {"status": "ok"})
     resp = await client.get("/ready")
     assert (resp.status, await resp.json()) == (200, {"status": "ready"})
 
 
-async def test_ready_is_503_when_the_spool_is_full(gw: Any, tmp_path: Path) -> None:
+async def test_ready_is_503_when_the_spool_is_full(gateway_client: Any, tmp_path: Path) -> None:
     """DESIGN.md: /ready means the spool can take calls; a spool already
     holding storage.max_bytes (say, after max_bytes was lowered) is not ready,
     and calls get 503 + Retry-After in both modes."""
-    spool = SqliteSpool(tmp_path / "spool", 1 << 30)
+    spool = SqliteSpool(spool_path(tmp_path), 1 << 30)
     await spool.open()
     await spool.append("web", [b'{"type":"track","userId":"u0","event":"e","messageId":"old"}'] * 10)
     await spool.close()
-    client = await gw(storage={"max_bytes": 100})
+    client = await gateway_client(storage={**KEEP, "max_bytes": 100})
     resp = await client.get("/ready")
     assert resp.status == 503
     doc = await resp.json()
-    assert doc["status"] == "not ready" and any("full" in p for p in doc["problems"])
+    assert doc["status"] == "not ready" and any("storage.max_bytes" in p for p in doc["problems"]), doc
     for strict in (True, False):
         got, doc, resp = await post(client, "/v1/track", GOOD, strict=strict)
         assert (got, doc["reason"]) == (503, "overload")
         assert int(resp.headers["Retry-After"]) > 0
-    assert [c["messageId"] for c in stored(tmp_path)] == ["old"] * 10
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["old"] * 10
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
-async def test_503_with_retry_after_when_max_bytes_is_exceeded(gw: Any, tmp_path: Path, strict: bool) -> None:
+async def test_503_with_retry_after_when_max_bytes_is_exceeded(gateway_client: Any, tmp_path: Path,
+                                                               strict: bool) -> None:
     """DESIGN.md: "Overload (spool full, storage failing): 503 with Retry-After,
     in both modes ... Never a 200 for data that was not stored"."""
-    client = await gw(storage={"max_bytes": 600})
+    client = await gateway_client(storage={**KEEP, "max_bytes": 600})
     assert (await post(client, "/v1/track", {**GOOD, "messageId": "fits"}, strict=strict))[:2] == (200, {})
     big = msgspec.json.decode(padded({**GOOD, "messageId": "too-much"}, 500))
     got, doc, resp = await post(client, "/v1/track", big, strict=strict)
     assert got == 503, doc
     assert doc["reason"] == "overload" and "max_bytes" in doc["error"]
     assert resp.headers["Retry-After"].isdigit() and int(resp.headers["Retry-After"]) > 0
-    got, doc, resp = await post(client, "/v1/batch", {"batch": [track(1), track(2), track(3)]}, strict=strict)
+    got, doc, resp = await post(client, "/v1/batch", {"batch": [track("m-1"), track("m-2"), track("m-3")]},
+                                strict=strict)
     assert got == 503 and "Retry-After" in resp.headers
-    assert [c["messageId"] for c in stored(tmp_path)] == ["fits"]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["fits"]
     ms = await metrics(client)
     assert sample(ms, "gateway_calls_rejected_total", reason="overload") == 4
     assert sample(ms, "gateway_calls_accepted_total", source="web") == 1
@@ -688,18 +716,18 @@ async def test_503_with_retry_after_when_max_bytes_is_exceeded(gw: Any, tmp_path
 
 # -- metrics -----------------------------------------------------------------------------------
 
-async def test_metrics_count_requests_calls_and_the_spool(gw: Any, tmp_path: Path) -> None:
+async def test_metrics_count_requests_calls_and_the_spool(gateway_client: Any, tmp_path: Path) -> None:
     """DESIGN.md: "every drop is counted in /metrics with its reason"; the spool
     gauges and the commit latency histogram describe the spool file."""
-    client = await gw()
+    client = await gateway_client(storage=KEEP, sources=WEB_AND_APP)
     for i in range(3):
-        assert (await post(client, "/v1/track", track(i)))[0] == 200
-    assert (await post(client, "/v1/batch", {"batch": [track(10), track(11), {"type": "track"}]}))[0] == 200
+        assert (await post(client, "/v1/track", track(f"m-{i}")))[0] == 200
+    assert (await post(client, "/v1/batch", {"batch": [track("m-10"), track("m-11"), {"type": "track"}]}))[0] == 200
     assert (await post(client, "/v1/identify", {"traits": {}}))[0] == 200
     assert (await post(client, "/v1/track", b"{", strict=True))[0] == 400
     assert (await post(client, "/v1/track", GOOD, auth=False))[0] == 200
     other = {"Authorization": f"Bearer {OTHER_KEY}"}
-    assert (await post(client, "/v1/track", track(20), auth=False, headers=other))[0] == 200
+    assert (await post(client, "/v1/track", track("m-20"), auth=False, headers=other))[0] == 200
     ms = await metrics(client)
     assert sample(ms, "gateway_calls_accepted_total", source="web") == 5
     assert sample(ms, "gateway_calls_accepted_total", source="app") == 1
@@ -729,10 +757,10 @@ async def test_metrics_count_requests_calls_and_the_spool(gw: Any, tmp_path: Pat
 
 # -- CORS ----------------------------------------------------------------------------------------
 
-async def test_cors_preflight_for_browser_sdks(gw: Any) -> None:
+async def test_cors_preflight_for_browser_sdks(gateway_client: Any) -> None:
     """DESIGN.md: "CORS for browser SDKs, origins from the config; preflights
     list authorization, content-type, x-retry-count explicitly"."""
-    client = await gw(server={"cors_origins": ["https://shop.example"]})
+    client = await gateway_client(server={"cors_origins": ["https://shop.example"]}, storage=KEEP)
     for path in ("/v1/batch", "/v1/t", "/v1/track", "/v1/import"):
         resp = await client.options(path, headers={
             "Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
@@ -750,11 +778,11 @@ async def test_cors_preflight_for_browser_sdks(gw: Any) -> None:
     assert resp.status >= 400 and "Access-Control-Allow-Origin" not in resp.headers
 
 
-async def test_cors_allow_origin_on_responses_for_allowed_origins_only(gw: Any, tmp_path: Path) -> None:
+async def test_cors_allow_origin_on_responses_for_allowed_origins_only(gateway_client: Any, tmp_path: Path) -> None:
     """DESIGN.md: origins from the config, per source (``sources[].cors_origins``)
     falling back to ``server.cors_origins``."""
-    client = await gw(server={"cors_origins": ["https://shop.example"]},
-                      sources=[{"name": "web", "write_keys": [KEY]},
+    client = await gateway_client(server={"cors_origins": ["https://shop.example"]}, storage=KEEP,
+                                  sources=[{"name": "web", "write_keys": [WRITE_KEY]},
                                {"name": "app", "write_keys": [OTHER_KEY], "cors_origins": ["https://app.example"]}])
     allowed = {"Origin": "https://shop.example"}
     got, _, resp = await post(client, "/v1/track", GOOD, headers=allowed)
@@ -776,13 +804,13 @@ async def test_cors_allow_origin_on_responses_for_allowed_origins_only(gw: Any, 
     assert resp.headers["Access-Control-Allow-Origin"] == "https://shop.example"
 
 
-async def test_concurrent_requests_are_each_stored_once(gw: Any, tmp_path: Path) -> None:
+async def test_concurrent_requests_are_each_stored_once(gateway_client: Any, tmp_path: Path) -> None:
     """Group commit under concurrency: 40 requests at once, every call stored
     exactly once, every answer 200 {}."""
-    client = await gw()
-    results = await asyncio.gather(*(post(client, "/v1/batch", {"batch": [track(f"{i}-a"), track(f"{i}-b")]})
+    client = await gateway_client(storage=KEEP)
+    results = await asyncio.gather(*(post(client, "/v1/batch", {"batch": [track(f"m-{i}-a"), track(f"m-{i}-b")]})
                                      for i in range(40)))
     assert all(r[:2] == (200, {}) for r in results)
-    ids = [c["messageId"] for c in stored(tmp_path)]
+    ids = [c["messageId"] for c in spool_calls(tmp_path)]
     assert sorted(ids) == sorted(f"m-{i}-{s}" for i in range(40) for s in "ab")
     assert sum(r[1] for r in spool_rows(tmp_path)) == 80

@@ -5,82 +5,38 @@ lifecycle hooks; and plugins that are wrong fail loudly, naming themselves."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import yaml
 from aiohttp import web
 
-from delivery_kit import (  # noqa: F401 - fixtures
-    PLUGINS_DIR, Fake, body, fake, post_batch, track, wait_until, webhook,
-)
 from gateway import app_state
 from gateway.config import ConfigError
 from gateway.plugins import build_registry, make_manager
-from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
 from gateway.spool.sqlite_reads import stored_calls
+from gateway.testing import (
+    Action, CliResult, FakeDestination, ReceivedRequest, dead_letters, gateway_cli, send_batch, spool_path, track,
+    wait_until, webhook,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = PLUGINS_DIR / "sample_plugin"
-
-
-def _can_build_offline() -> bool:
-    """setuptools builds wheels by itself from 70.1 on; before that it needs ``wheel``."""
-    try:
-        import setuptools
-        if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) >= (70, 1):
-            return True
-        import wheel  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def sample_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/plugins/sample_plugin installed with pip into a directory of its
-    own (from a copy, so the build leaves nothing in the source tree).  Where
-    the local setuptools cannot build a wheel, pip builds in an isolated
-    environment, fetching setuptools from the configured index."""
-    work = tmp_path_factory.mktemp("sample")
-    src, site = work / "src", work / "site"
-    shutil.copytree(SAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-           "--target", str(site), str(src)]
-    if _can_build_offline():
-        cmd.insert(5, "--no-build-isolation")
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, f"pip install failed:\n{done.stdout}\n{done.stderr}"
-    return site
+SAMPLE = ROOT / "tests" / "plugins" / "sample_plugin"
 
 
 @pytest.fixture
-def sample_installed(sample_site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def sample_installed(sample_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The installed sample on sys.path for this test only."""
     monkeypatch.syspath_prepend(str(sample_site))
     yield sample_site
     sys.modules.pop("gateway_sample_plugin", None)
 
 
-@pytest.fixture
-def test_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(PLUGINS_DIR))
-
-
-async def check(config: Path, *pythonpath: Path) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *map(str, pythonpath)])}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "check", "--config", str(config), cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def check(config: Path, *pythonpath: Path) -> CliResult:
+    """``gateway check`` of ``config``, with ``pythonpath`` importable to it."""
+    return await gateway_cli("check", "--config", str(config), cwd=ROOT, pythonpath=pythonpath)
 
 
 def write_config(tmp_path: Path, **doc: Any) -> Path:
@@ -118,9 +74,9 @@ def test_entry_points_come_from_what_is_installed_only(sample_site: Path) -> Non
     assert "destination:collect" not in build_registry(pm).provider
 
 
-def collect_api(fake: Fake) -> Any:
+def collect_api() -> Action:
     """Collect's answer: 207, item by item; a ``plan`` of ``bad`` is refused."""
-    async def act(request: web.Request, req: Any) -> web.StreamResponse:
+    async def act(request: web.Request, req: ReceivedRequest) -> web.StreamResponse:
         if request.headers.get("Authorization") != "Bearer key-1":
             return web.Response(status=401, text="bad key")
         results = [{"status": 400, "error": "unknown plan"} if item["data"].get("plan") == "bad" else {"status": 200}
@@ -129,22 +85,23 @@ def collect_api(fake: Fake) -> Any:
     return act
 
 
-async def test_an_installed_plugin_works_in_a_real_app(sample_installed: Path, gateway_client: Any, fake: Fake,
+async def test_an_installed_plugin_works_in_a_real_app(sample_installed: Path, gateway_client: Any,
+                                                       fake_destination: FakeDestination,
                                                        tmp_path: Path) -> None:
-    fake.default = collect_api(fake)
-    client = await gateway_client(body(
-        [{**webhook("Collect EU", fake.url), "type": "collect",
-          "settings": {"api_key": "key-1", "region": "eu", "endpoint": fake.url}}],
-        transforms=[{"type": "redact_emails", "settings": {}}]))
-    await post_batch(client, [
+    fake_destination.default = collect_api()
+    client = await gateway_client(
+        destinations=[{**webhook("Collect EU", fake_destination.url), "type": "collect",
+                       "settings": {"api_key": "key-1", "region": "eu", "endpoint": fake_destination.url}}],
+        transforms=[{"type": "redact_emails", "settings": {}}])
+    await send_batch(client, [
         track("m-1", properties={"plan": "pro", "note": "write to ann@example.com"}),
         track("m-2", properties={"plan": "bad"}),
         {"type": "identify", "anonymousId": "a-1", "messageId": "m-3", "traits": {"email": "bo@example.org"}},
         track("m-4", integrations={"Collect": False}),  # the type's alias
         {"type": "group", "groupId": "g-1", "messageId": "m-5"},  # a group needs no person; Collect does
     ])
-    await fake.wait_requests(1)
-    [req] = fake.requests
+    await fake_destination.wait_requests(1)
+    [req] = fake_destination.requests
     assert req.path == "/hook/v1/items"
     items = req.json["items"]
     assert [(i["id"], i["user"], i["kind"]) for i in items] == [
@@ -152,17 +109,18 @@ async def test_an_installed_plugin_works_in_a_real_app(sample_installed: Path, g
     assert items[0]["name"] == "Clicked" and items[0]["data"] == {"plan": "pro", "note": "write to [redacted]"}
     assert items[2]["data"] == {"email": "[redacted]"}
     # the transform ran before the spool
-    stored = b"".join(stored_calls(tmp_path / "spool"))
+    stored = b"".join(stored_calls(spool_path(tmp_path)))
     assert b"@example" not in stored
-    store = SqliteDeadLetters(tmp_path / "spool")
-    try:
-        dead = await wait_until(lambda: store.list() if len(store.list()) == 2 else None, what="two dead letters")
-    finally:
-        store.close()
+
+    def two_dead_letters() -> list[Any] | None:
+        letters = dead_letters(tmp_path)
+        return letters if len(letters) == 2 else None
+
+    dead = await wait_until(two_dead_letters, what="two dead letters")
     assert sorted((d.message_id, d.status, d.reason) for d in dead) == [
         ("m-2", 400, "item 400: unknown plan"), ("m-5", None, "NO_USER: Collect needs a userId or an anonymousId")]
-    await asyncio.sleep(0.2)
-    assert len(fake.requests) == 1
+    await fake_destination.wait_quiet()
+    assert len(fake_destination.requests) == 1
 
 
 async def test_gateway_check_lists_an_installed_plugin(sample_site: Path, tmp_path: Path) -> None:
@@ -181,12 +139,14 @@ async def test_gateway_check_lists_an_installed_plugin(sample_site: Path, tmp_pa
 
 # -- modules named in the config ----------------------------------------------------------
 
-async def test_config_plugins_module_and_lifecycle_hooks(test_plugins: None, gateway_client: Any, fake: Fake,
+async def test_config_plugins_module_and_lifecycle_hooks(test_plugins: Path, gateway_client: Any,
+                                                         fake_destination: FakeDestination,
                                                          tmp_path: Path) -> None:
     import itemized_destination as mod
     mod.LIFECYCLE.clear()
-    client = await gateway_client(body([{**webhook("Items", fake.url), "type": "itemized",
-                                         "settings": {"endpoint": fake.url}}], plugins=["itemized_destination"]))
+    client = await gateway_client(destinations=[{**webhook("Items", fake_destination.url), "type": "itemized",
+                                                 "settings": {"endpoint": fake_destination.url}}],
+                                  plugins=["itemized_destination"])
     app = client.server.app
     assert app[app_state.BUILT].registry.provider["destination:itemized"] == "itemized_destination"
     assert mod.LIFECYCLE == [("startup", app)], "startup is awaited once, before calls are taken"
@@ -194,8 +154,9 @@ async def test_config_plugins_module_and_lifecycle_hooks(test_plugins: None, gat
     assert mod.LIFECYCLE == [("startup", app), ("shutdown", app)]
 
     cfg = write_config(tmp_path, plugins=["itemized_destination"],
-                       destinations=[{"name": "Items", "type": "itemized", "settings": {"endpoint": fake.url}}])
-    rc, out, err = await check(cfg, PLUGINS_DIR)
+                       destinations=[{"name": "Items", "type": "itemized",
+                                      "settings": {"endpoint": fake_destination.url}}])
+    rc, out, err = await check(cfg, test_plugins)
     assert rc == 0, err
     assert "  Items: itemized  [plugin itemized_destination]" in out.splitlines()
     assert "  itemized_destination: destination:itemized" in out.splitlines()
@@ -206,11 +167,11 @@ def test_a_module_that_cannot_be_imported_is_a_config_error() -> None:
         make_manager(["no_such_plugin_module"])
 
 
-async def test_a_misspelled_hook_fails_loudly(test_plugins: None, tmp_path: Path) -> None:
+async def test_a_misspelled_hook_fails_loudly(test_plugins: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^plugins: unknown hook 'register_destination' in plugin "
                                           r"<module 'misspelled_hook_plugin'"):
         make_manager(["misspelled_hook_plugin"])
-    rc, out, err = await check(write_config(tmp_path, plugins=["misspelled_hook_plugin"]), PLUGINS_DIR)
+    rc, out, err = await check(write_config(tmp_path, plugins=["misspelled_hook_plugin"]), test_plugins)
     assert rc == 2 and out == ""
     assert "gateway: config error: plugins: unknown hook 'register_destination'" in err
     assert "Traceback" not in err

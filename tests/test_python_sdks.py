@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from ingest_kit import KEY, gw, stored  # noqa: F401 - gw is a fixture
+from gateway.testing import WRITE_KEY, FakeDestination, spool_calls
 
 REGION_KEY = "pk_us_0123456789abcdef"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -37,6 +37,8 @@ SDKS = {
     "segment": ("segment.analytics", "segment.analytics.version", "host"),
     "rudderstack": ("rudderstack.analytics", "rudderstack.analytics.version", "dataPlaneUrl"),
 }
+#: what the destination got is compared with what the spool holds after the delivery: keep it
+KEEP = {"retention": 3600}
 
 
 def send_all(mod: Any, errors: list[Any]) -> dict[str, str | None]:
@@ -58,25 +60,18 @@ def send_all(mod: Any, errors: list[Any]) -> dict[str, str | None]:
     return ids
 
 
-@pytest.fixture
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """requests honours HTTP(S)_PROXY from the environment: keep 127.0.0.1 direct."""
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.mark.parametrize("sdk,key", [
-    ("customerio", KEY), ("customerio", REGION_KEY), ("segment", KEY), ("rudderstack", KEY),
+    ("customerio", WRITE_KEY), ("customerio", REGION_KEY), ("segment", WRITE_KEY), ("rudderstack", WRITE_KEY),
 ], ids=["customerio-basic", "customerio-bearer", "segment", "rudderstack"])
-async def test_sdk_calls_reach_the_destination(gw: Any, sink: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               no_proxy: None, sdk: str, key: str) -> None:
+async def test_sdk_calls_reach_the_destination(gateway_client: Any, fake_destination: FakeDestination, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, no_proxy: None, sdk: str,
+                                               key: str) -> None:
     module_name, version_module, host_attr = SDKS[sdk]
     mod = importlib.import_module(module_name)
     version = importlib.import_module(version_module).VERSION
-    client = await gw(
-        sources=[{"name": "server", "write_keys": [key]}],
-        destinations=[{"name": "Hook", "type": "webhook", "settings": {"url": sink.url},
+    client = await gateway_client(
+        storage=KEEP, sources=[{"name": "server", "write_keys": [key]}],
+        destinations=[{"name": "Hook", "type": "webhook", "settings": {"url": fake_destination.url},
                        "batch": {"max_wait": 0.01}}])
     url = str(client.make_url("")).rstrip("/")
     errors: list[Any] = []
@@ -95,7 +90,7 @@ async def test_sdk_calls_reach_the_destination(gw: Any, sink: Any, tmp_path: Pat
                 c.pause()
     assert errors == [], errors
 
-    calls = await sink.wait_for(6, timeout=15)
+    calls = await fake_destination.wait_delivered(6, timeout=15)
     assert len(calls) == 6, [c["type"] for c in calls]
     by_type = {c["type"]: c for c in calls}
     assert sorted(by_type) == ["alias", "group", "identify", "page", "screen", "track"]
@@ -131,39 +126,42 @@ async def test_sdk_calls_reach_the_destination(gw: Any, sink: Any, tmp_path: Pat
         assert all(c["channel"] == "server" and c["integrations"] == {"All": True} for c in calls)
 
     # What the gateway stored is what the destination got (the Pipelines call, as sent plus enrichment).
-    assert sorted(c["messageId"] for c in stored(tmp_path)) == sorted(c["messageId"] for c in calls)
-    assert {r["path"] for r in sink.requests} == {"/hook"}
+    assert sorted(c["messageId"] for c in spool_calls(tmp_path)) == sorted(c["messageId"] for c in calls)
+    assert {r.path for r in fake_destination.requests} == {"/hook"}
 
 
-async def test_segment_sdk_in_sync_mode_and_gzip(gw: Any, sink: Any, tmp_path: Path, no_proxy: None) -> None:
+async def test_segment_sdk_in_sync_mode_and_gzip(gateway_client: Any, fake_destination: FakeDestination,
+                                                 no_proxy: None) -> None:
     """Segment's Client in ``sync_mode`` with ``gzip=True``: one blocking POST
     per call, gzip-encoded (seeds/pipelines-vs-track-api.txt: content encodings)."""
     from segment.analytics import Client
 
-    client = await gw(destinations=[{"name": "Hook", "type": "webhook", "settings": {"url": sink.url},
-                                     "batch": {"max_wait": 0.01}}])
+    client = await gateway_client(destinations=[{"name": "Hook", "type": "webhook",
+                                                 "settings": {"url": fake_destination.url},
+                                                 "batch": {"max_wait": 0.01}}])
     url = str(client.make_url("")).rstrip("/")
 
     def run() -> list[str]:
-        c = Client(KEY, host=url, sync_mode=True, gzip=True, max_retries=0)
+        c = Client(WRITE_KEY, host=url, sync_mode=True, gzip=True, max_retries=0)
         out = [c.track("u-2", "Signed Up", {"n": i})[1]["messageId"] for i in range(3)]
         out.append(c.identify(anonymous_id="anon-2", traits={"k": "v"})[1]["messageId"])
         return out
 
     ids = await asyncio.wait_for(asyncio.to_thread(run), 30)
-    calls = await sink.wait_for(4)
+    calls = await fake_destination.wait_delivered(4)
     assert [c["messageId"] for c in calls] == ids
     assert [c["type"] for c in calls] == ["track", "track", "track", "identify"]
     assert calls[3]["anonymousId"] == "anon-2" and calls[3]["traits"] == {"k": "v"}
 
 
-async def test_sdk_with_a_wrong_key_reports_nothing_stored(gw: Any, sink: Any, tmp_path: Path,
-                                                           no_proxy: None) -> None:
+async def test_sdk_with_a_wrong_key_reports_nothing_stored(gateway_client: Any, fake_destination: FakeDestination,
+                                                           tmp_path: Path, no_proxy: None) -> None:
     """A wrong key on a lax source: 200 (seeds/pipelines-vs-track-api.txt, lax
     mode), so the SDK sees no error, and nothing is stored or delivered."""
     from customerio.analytics import Client
 
-    client = await gw(destinations=[{"name": "Hook", "type": "webhook", "settings": {"url": sink.url}}])
+    client = await gateway_client(storage=KEEP, destinations=[{"name": "Hook", "type": "webhook",
+                                                               "settings": {"url": fake_destination.url}}])
     url = str(client.make_url("")).rstrip("/")
     errors: list[Any] = []
 
@@ -173,5 +171,5 @@ async def test_sdk_with_a_wrong_key_reports_nothing_stored(gw: Any, sink: Any, t
 
     await asyncio.wait_for(asyncio.to_thread(run), 30)
     assert errors == []
-    await asyncio.sleep(0.3)
-    assert stored(tmp_path) == [] and sink.calls == []
+    await fake_destination.wait_quiet()  # what was stored would be delivered within it
+    assert spool_calls(tmp_path) == [] and fake_destination.delivered() == []

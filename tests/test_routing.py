@@ -11,11 +11,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from delivery_kit import body, make_fake, metrics, post, sample, track, wait_until, webhook  # noqa: F401
 from gateway.config import DestinationConfig, FilterConfig
 from gateway.delivery.planner import Planner
 from gateway.http_client import HttpClient, HttpPool, Throttle
 from gateway.routing import Route, enabled
+from gateway.testing import metrics, post, sample, send, track, wait_until, webhook
 from plugins.webhook import WebhookDestination
 
 NAMES = ["Hook", "hook-alias"]
@@ -151,26 +151,26 @@ def test_filters_on_stored_bytes(flt: dict[str, Any], c: dict[str, Any], source:
     assert plan.refused == refusal
 
 
-async def test_routing_end_to_end(gateway_client: Any, make_fake: Any) -> None:
-    alpha, beta = await make_fake(), await make_fake()
-    client = await gateway_client(body([
+async def test_routing_end_to_end(gateway_client: Any, make_fake_destination: Any) -> None:
+    alpha, beta = await make_fake_destination(), await make_fake_destination()
+    client = await gateway_client(destinations=[
         webhook("Alpha", alpha.url, aliases=["alpha-alias"]),
         webhook("Beta", beta.url, filter={"types": ["track"], "exclude_events": ["Spam"]}),
-    ]))
+    ])
     both = track("both")
-    await post(client, both)
-    await post(client, track("alpha-by-name", integrations={"All": False, "Alpha": True}))
-    await post(client, track("beta-excluded", integrations={"Beta": False}))
-    await post(client, track("alpha-by-alias", integrations={"All": False, "alpha-alias": {"opt": 1}}))
-    await post(client, {"type": "identify", "userId": "u1", "messageId": "identify-alpha-only"})
-    await post(client, track("spam-alpha-only", event="Spam"))
-    await post(client, track("beta-by-number", integrations={"All": "off", "Beta": 1}))
-    await post(client, track("nobody", integrations={"All": False}))
-    resp = await client.post("/v1/batch", headers={"Authorization": "Bearer test-write-key"}, json={
+    await send(client, both)
+    await send(client, track("alpha-by-name", integrations={"All": False, "Alpha": True}))
+    await send(client, track("beta-excluded", integrations={"Beta": False}))
+    await send(client, track("alpha-by-alias", integrations={"All": False, "alpha-alias": {"opt": 1}}))
+    await send(client, {"type": "identify", "userId": "u1", "messageId": "identify-alpha-only"})
+    await send(client, track("spam-alpha-only", event="Spam"))
+    await send(client, track("beta-by-number", integrations={"All": "off", "Beta": 1}))
+    await send(client, track("nobody", integrations={"All": False}))
+    answer = await post(client, "/v1/batch", {
         "integrations": {"All": False, "Beta": True},
         "batch": [track("batch-beta-1"), track("batch-alpha-too", integrations={"Alpha": True})]})
-    assert resp.status == 200
-    await post(client, track("last"))
+    assert answer.status == 200
+    await send(client, track("last"))
     await wait_until(lambda: any(c["messageId"] == "last" for c in alpha.delivered())
                      and any(c["messageId"] == "last" for c in beta.delivered()), what="the last call")
     assert [c["messageId"] for c in alpha.delivered()] == [

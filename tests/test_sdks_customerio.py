@@ -18,14 +18,12 @@ from typing import Any, Callable
 import msgspec
 import pytest
 
-from fake_customerio import (  # noqa: F401 (fixtures)
-    PIPELINES_API_KEY, SITE_ID, TRACK_API_KEY, FakeCustomerIO, cio,
-)
+from fake_customerio import PIPELINES_API_KEY, SITE_ID, TRACK_API_KEY, FakeCustomerIO
 from gateway.http_client import HttpClient, HttpPool, Throttle
+from gateway.testing import WRITE_KEY, FakeDestination
 from plugins.customerio.track_v2 import CustomerioTrackDestination as Track
-from test_python_sdks import SDKS, no_proxy, send_all  # noqa: F401 (fixture)
+from test_python_sdks import SDKS, send_all
 
-WRITE_KEY = "test-write-key"  # tests/conftest.py's source key
 TYPES = ["alias", "group", "identify", "page", "screen", "track"]
 
 
@@ -35,7 +33,8 @@ def canonical(items: list[dict[str, Any]]) -> list[str]:
 
 @pytest.mark.parametrize("sdk", sorted(SDKS))
 async def test_each_sdk_reaches_both_customerio_destinations(
-        gateway_client: Callable[..., Any], cio: FakeCustomerIO, sink: Any, monkeypatch: pytest.MonkeyPatch,
+        gateway_client: Callable[..., Any], cio: FakeCustomerIO, fake_destination: FakeDestination,
+        monkeypatch: pytest.MonkeyPatch,
         no_proxy: None, sdk: str) -> None:
     module_name, _, host_attr = SDKS[sdk]
     mod = importlib.import_module(module_name)
@@ -51,7 +50,7 @@ async def test_each_sdk_reaches_both_customerio_destinations(
             batch: {{max_wait: 0.01}}
           - name: Archive
             type: webhook
-            settings: {{url: "{sink.url}"}}
+            settings: {{url: "{fake_destination.url}"}}
             batch: {{max_wait: 0.01}}
         """)
     errors: list[Any] = []
@@ -65,7 +64,7 @@ async def test_each_sdk_reaches_both_customerio_destinations(
     await asyncio.wait_for(asyncio.to_thread(send_all, mod, errors), 30)
     assert errors == [], errors
 
-    stored = await sink.wait_for(6, timeout=15)
+    stored = await fake_destination.wait_delivered(6, timeout=15)
     await cio.wait_for(lambda: len(cio.pipelines_calls) >= 6 and len(cio.track_ops) >= 6)
     assert sorted(c["type"] for c in stored) == TYPES
 

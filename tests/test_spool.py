@@ -19,6 +19,7 @@ from gateway.spool import store
 from gateway.spool.sqlite import SqliteSpool
 from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
 from gateway.spool.sqlite_reads import stored_calls
+from gateway.testing import wait_until
 
 
 @pytest.fixture(params=["sqlite"])
@@ -162,7 +163,8 @@ async def test_full_spool_refuses(tmp_path: Path) -> None:
         await s.append("web", [b"12345"])
         with pytest.raises(SpoolFull):
             await s.append("web", [b"1234567"])
-        assert stored_calls(s.dir) == [b"12345"] and s.has_room()
+        assert stored_calls(s.dir) == [b"12345"] and s.room_problem(4) is None
+        assert "storage.max_bytes" in (s.room_problem(5) or "")
     finally:
         await s.close()
 
@@ -199,31 +201,50 @@ async def test_dead_letters_list_and_replay(spool: SqliteSpool) -> None:
 # -- the embedded backend's writer process ---------------------------------
 
 
+def _state(pid: int) -> str:
+    """The state letter of a process in /proc (``S`` sleeping, ``T`` stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 async def test_a_dead_writer_fails_what_it_had_not_answered_and_is_replaced(spool: SqliteSpool) -> None:
     """kill -9 of the writer process: appends it had not answered raise
     StorageFailed (the server's 503), none is reported stored that is not, and
-    a new writer takes over with the totals read back from the file."""
+    a new writer takes over with the totals read back from the file.
+
+    The writer is stopped (SIGSTOP) before the appends are made: when it is
+    killed they have surely been sent to it, and surely not answered."""
     await spool.append("web", [b"before"])
     old = spool.writer_pid
     assert old is not None
-    appends = [asyncio.ensure_future(spool.append("web", [b"during-%d" % i])) for i in range(50)]
-    await asyncio.sleep(0)  # sent to the writer, not answered yet
-    os.kill(old, signal.SIGKILL)
-    results = await asyncio.gather(*appends, return_exceptions=True)
-    assert all(r is None or isinstance(r, StorageFailed) for r in results), results
-    stored_during = [b"during-%d" % i for i, r in enumerate(results) if r is None]
-    deadline = time.monotonic() + 10
-    while True:
+    os.kill(old, signal.SIGSTOP)
+    try:
+        await wait_until(lambda: _state(old) == "T", what=f"the writer {old} to stop", seen=lambda: _state(old))
+        appends = [asyncio.ensure_future(spool.append("web", [b"during-%d" % i])) for i in range(50)]
+        # One message for all 50 (they came in one turn of the loop), written to the writer's socket.
+        await wait_until(lambda: len(spool._waiting) == 1 and not spool._pending,
+                         what="the appends to be sent to the writer",
+                         seen=lambda: (spool._waiting, spool._pending))
+        assert not any(a.done() for a in appends), "a stopped writer answered"
+    finally:
+        os.kill(old, signal.SIGKILL)
+    results = await asyncio.wait_for(asyncio.gather(*appends, return_exceptions=True), 10)
+    assert all(isinstance(r, (int, StorageFailed)) for r in results), results
+    stored_during = [b"during-%d" % i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    assert stored_during == [], "an append the writer never answered was reported stored"
+
+    async def appended_after() -> bool:
         try:
             await spool.append("web", [b"after"])
-            break
         except StorageFailed:
-            assert time.monotonic() < deadline, "no new writer"
-            await asyncio.sleep(0.05)
+            return False
+        return True
+
+    await wait_until(appended_after, what="a new writer to store a call", timeout=10)
     assert spool.writer_pid not in (None, old)
     got = stored_calls(spool.dir)
     # A call may be stored with its answer lost (kill -9 after the commit), never the reverse.
     assert got[0] == b"before" and got[-1] == b"after" and set(stored_during) <= set(got)
+    assert not [c for c in got if c.startswith(b"during-")], "the stopped writer committed nothing"
     assert spool.rows == len(got) and spool.bytes == sum(len(c) + 1 for c in got)
     assert [r.data for r in await spool.read(-1, 100)] == got
 

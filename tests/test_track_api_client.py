@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from pytest_asyncio import fixture as async_fixture
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from customerio import CustomerIO, CustomerIOException, Regions
-from test_python_sdks import no_proxy  # noqa: F401 (fixture)
 from test_track_api_mapping import as_written, matches
 
 SITE_ID, API_KEY = "site-1", "key-1"
@@ -73,12 +73,12 @@ def written(path: Path, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def tls_gateway(gateway_process: Callable[..., Any], tmp_path: Path) -> tuple[Any, Path, Path]:
+@async_fixture
+async def tls_gateway(gateway_process: Callable[..., Any], tmp_path: Path) -> tuple[Any, Path, Path]:
     """(gateway process, CA bundle, the file destination's path)."""
     cert, key = self_signed(tmp_path)
     events = tmp_path / "events.jsonl"
-    gw = gateway_process(f"""
+    gw = await gateway_process(f"""
         server:
           tls: {{cert: "{cert}", key: "{key}"}}
         destinations:
@@ -86,7 +86,6 @@ def tls_gateway(gateway_process: Callable[..., Any], tmp_path: Path) -> tuple[An
             type: file
             settings: {{path: "{events}"}}
             batch: {{max_wait: 0.01}}
-        """, sources=f"""
         sources:
           - name: classic
             kind: track_api

@@ -15,10 +15,18 @@ from typing import Any
 
 import pytest
 
-from fake_customerio import SITE_ID as CIO_SITE_ID, TRACK_API_KEY as CIO_API_KEY, FakeCustomerIO, cio  # noqa: F401
-from ingest_kit import KEY, gw, metrics, sample, spool_rows, stored  # noqa: F401 - gw is a fixture
+from fake_customerio import SITE_ID as CIO_SITE_ID, TRACK_API_KEY as CIO_API_KEY, FakeCustomerIO
+from gateway.testing import WRITE_KEY as KEY, metrics, sample, spool_calls as stored, spool_query
 from gateway.track_api import validation
 from gateway.track_api.validation import TrackError
+
+KEEP = {"retention": 3600}  # what was stored stays in the spool for the test to read
+
+
+def spool_rows(tmp_path: Path) -> list[tuple[str, int, bytes]]:
+    """(source, count, data) of each row the spool holds."""
+    return [tuple(r) for r in spool_query(tmp_path, "SELECT source, count, data FROM events ORDER BY seq")]
+
 
 SITE_ID, API_KEY = "site-1", "key-1"
 OTHER_SITE_ID, OTHER_API_KEY = "site-2", "key-2"
@@ -67,8 +75,8 @@ def assert_error(status: int, doc: Any, want_status: int, code: str, field: str 
     base64.b64encode(SITE_ID.encode()).decode(), basic(KEY, ""),
 ], ids=["missing", "bearer", "wrong-key", "wrong-site", "empty-key", "longer-key", "other-sources-key",
         "not-base64", "no-colon", "pipelines-write-key"])
-async def test_wrong_or_missing_credentials_are_401(gw: Any, tmp_path: Path, header: str | None) -> None:
-    client = await gw(sources=SOURCES)
+async def test_wrong_or_missing_credentials_are_401(gateway_client: Any, tmp_path: Path, header: str | None) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     status, doc, resp = await request(client, "PUT", "/api/v1/customers/u-1", {"plan": "pro"}, auth=False,
                                       headers={"Authorization": header} if header else {})
     assert_error(status, doc, 401, "auth", "Authorization")
@@ -79,8 +87,8 @@ async def test_wrong_or_missing_credentials_are_401(gw: Any, tmp_path: Path, hea
     assert stored(tmp_path) == []
 
 
-async def test_each_sources_credentials_file_calls_under_that_source(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES)
+async def test_each_sources_credentials_file_calls_under_that_source(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     assert (await request(client, "PUT", "/api/v1/customers/u-1", {"plan": "a"}))[:2] == (200, {})
     assert (await request(client, "PUT", "/api/v1/customers/u-2", {"plan": "b"},
                           headers={"Authorization": basic(OTHER_SITE_ID, OTHER_API_KEY)}))[:2] == (200, {})
@@ -89,10 +97,10 @@ async def test_each_sources_credentials_file_calls_under_that_source(gw: Any, tm
 
 
 async def test_credentials_are_compared_in_constant_time_with_every_source(
-        gw: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        gateway_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """hmac.compare_digest for the site id and for the key of every source,
     also after a match and also when the site id already differs."""
-    client = await gw(sources=SOURCES)
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     compared: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -185,8 +193,8 @@ REFUSED = [
 @pytest.mark.parametrize("method,path,body,code,field", REFUSED,
                          ids=[f"{i}-{r[1].rsplit('/', 1)[-1][:20]}-{r[3]}" for i, r in enumerate(REFUSED)])
 async def test_track_refuses_with_a_400_that_names_the_problem(
-        gw: Any, tmp_path: Path, method: str, path: str, body: Any, code: str, field: str) -> None:
-    client = await gw(sources=SOURCES)
+        gateway_client: Any, tmp_path: Path, method: str, path: str, body: Any, code: str, field: str) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     status, doc, _ = await request(client, method, path, body)
     assert_error(status, doc, 400, code, field or None, v2=path.startswith("/api/v2/"))
     assert stored(tmp_path) == []
@@ -218,8 +226,8 @@ def sized(body: dict[str, Any], size: int) -> bytes:
     ("/api/v2/entity", {"type": "person", "action": "identify", "identifiers": {"id": "u-1"}, "attributes": {}}),
 ], ids=["v1", "entity"])
 async def test_a_request_may_have_32000_bytes_and_not_one_more(
-        gw: Any, tmp_path: Path, path: str, base: dict[str, Any]) -> None:
-    client = await gw(sources=SOURCES)
+        gateway_client: Any, tmp_path: Path, path: str, base: dict[str, Any]) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     method = "PUT" if "customers" in path else "POST"
 
     def body_of(size: int) -> bytes:
@@ -245,8 +253,8 @@ async def test_a_request_may_have_32000_bytes_and_not_one_more(
     ("POST", "/api/v1/customers/u/events", {"name": "e" * 100}, {"name": "e" * 101}),
     ("POST", "/api/v1/customers/u/events", {"name": "/" + "p" * 300, "type": "page"}, None),
 ], ids=["attribute-value", "attribute-name", "attribute-count", "id", "event-name", "page-name-unlimited"])
-async def test_limits_are_exact(gw: Any, tmp_path: Path, method: str, path: str, good: Any, bad: Any) -> None:
-    client = await gw(sources=SOURCES)
+async def test_limits_are_exact(gateway_client: Any, tmp_path: Path, method: str, path: str, good: Any, bad: Any) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     assert (await request(client, method, path, good))[:2] == (200, {})
     if bad is not None:
         assert (await request(client, method, path, bad))[0] == 400
@@ -268,8 +276,8 @@ def person_event(n: int) -> dict[str, Any]:
     return {"type": "person", "action": "event", "identifiers": {"id": f"u-{n}"}, "name": f"Event {n}"}
 
 
-async def test_a_batch_stores_its_good_operations_and_reports_the_others_by_index(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES)
+async def test_a_batch_stores_its_good_operations_and_reports_the_others_by_index(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     too_big = {**person_event(2), "attributes": json.loads(sized({}, 32_001 - 90))}
     assert 32_000 < len(json.dumps(too_big)) < 32_100
     batch = [person_event(0), {"type": "person", "action": "event", "name": "no one"}, too_big, 7,
@@ -286,8 +294,8 @@ async def test_a_batch_stores_its_good_operations_and_reports_the_others_by_inde
     assert sample(ms, "gateway_http_requests_total", endpoint="POST /api/v2/batch", status="207") == 1
 
 
-async def test_a_good_batch_is_200_and_keeps_its_order(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES)
+async def test_a_good_batch_is_200_and_keeps_its_order(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     assert (await request(client, "POST", "/api/v2/batch", {"batch": [person_event(i) for i in range(50)]}))[:2] \
         == (200, {})
     assert [c["event"] for c in stored(tmp_path)] == [f"Event {i}" for i in range(50)]
@@ -298,14 +306,14 @@ async def test_a_good_batch_is_200_and_keeps_its_order(gw: Any, tmp_path: Path) 
     (b'{"batch": {}}', "json"), (b'{"operations": []}', "json"), (b'{"batch": [], "extra": 1}', "json"),
     (b"[]", "json"), (b"{", "json"),
 ], ids=["batch-not-a-list", "no-batch", "unknown-key", "not-an-object", "not-json"])
-async def test_a_batch_that_is_not_one_is_a_400(gw: Any, tmp_path: Path, body: bytes, code: str) -> None:
-    client = await gw(sources=SOURCES)
+async def test_a_batch_that_is_not_one_is_a_400(gateway_client: Any, tmp_path: Path, body: bytes, code: str) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     status, doc, _ = await request(client, "POST", "/api/v2/batch", body)
     assert_error(status, doc, 400, code, v2=True)
 
 
-async def test_a_batch_may_have_500000_bytes_and_not_one_more(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES)
+async def test_a_batch_may_have_500000_bytes_and_not_one_more(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     def compact(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode()
     ops = [{**person_event(0), "attributes": json.loads(sized({}, 20_000))}] * 24
@@ -323,8 +331,8 @@ async def test_a_batch_may_have_500000_bytes_and_not_one_more(gw: Any, tmp_path:
 
 # -- storage, transforms, paths, encodings ------------------------------------------------------
 
-async def test_no_room_in_the_spool_is_503_with_retry_after(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES, storage={"max_bytes": 150})
+async def test_no_room_in_the_spool_is_503_with_retry_after(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(sources=SOURCES, storage={**KEEP, "max_bytes": 150})
     status, doc, resp = await request(client, "PUT", "/api/v1/customers/u-1", {"plan": "p" * 200})
     assert_error(status, doc, 503, "overload")
     assert int(resp.headers["Retry-After"]) > 0
@@ -335,8 +343,8 @@ async def test_no_room_in_the_spool_is_503_with_retry_after(gw: Any, tmp_path: P
     assert sample(await metrics(client), "gateway_calls_rejected_total", reason="overload") == 3
 
 
-async def test_source_transforms_apply_to_track_calls(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES, transforms=[
+async def test_source_transforms_apply_to_track_calls(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES, transforms=[
         {"type": "drop_fields", "settings": {"paths": ["context.ip", "traits.plan"]}},
         {"type": "deny_events", "settings": {"events": ["User Deleted"]}}])
     assert (await request(client, "PUT", "/api/v1/customers/u-1", {"plan": "pro", "name": "Ada"}))[:2] == (200, {})
@@ -350,28 +358,28 @@ async def test_source_transforms_apply_to_track_calls(gw: Any, tmp_path: Path) -
     ("GET", "/api/v1/customers/u-1"), ("POST", "/api/v1/customers/u-1"), ("POST", "/api/v1/customers/u-1/segments"),
     ("POST", "/api/v1/metrics"), ("GET", "/api/v2/batch"), ("POST", "/api/v2/objects"),
 ])
-async def test_other_track_paths_and_methods_are_a_json_404(gw: Any, method: str, path: str) -> None:
-    client = await gw(sources=SOURCES)
+async def test_other_track_paths_and_methods_are_a_json_404(gateway_client: Any, method: str, path: str) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     status, doc, _ = await request(client, method, path, {})
     assert_error(status, doc, 404, "not_found", v2=path.startswith("/api/v2/"))
 
 
-async def test_without_a_track_api_source_there_are_no_track_endpoints(gw: Any) -> None:
-    client = await gw()
+async def test_without_a_track_api_source_there_are_no_track_endpoints(gateway_client: Any) -> None:
+    client = await gateway_client(storage=KEEP)
     resp = await client.put("/api/v1/customers/u-1", json={}, headers=AUTH)
     assert resp.status == 404
 
 
-async def test_a_gzip_body_is_read(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES)
+async def test_a_gzip_body_is_read(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     body = gzip.compress(json.dumps({"name": "Gzipped", "data": {"n": 1}}).encode())
     assert (await request(client, "POST", "/api/v1/customers/u-1/events", body,
                           headers={"Content-Encoding": "gzip"}))[:2] == (200, {})
     assert [c["event"] for c in stored(tmp_path)] == ["Gzipped"]
 
 
-async def test_pipelines_sources_work_beside_track_sources(gw: Any, tmp_path: Path) -> None:
-    client = await gw(sources=SOURCES)
+async def test_pipelines_sources_work_beside_track_sources(gateway_client: Any, tmp_path: Path) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     resp = await client.post("/v1/track", json={"userId": "u", "event": "E"}, headers={"X-Strict-Mode": "1",
                                                                                          "Authorization": f"Bearer {KEY}"})
     assert (resp.status, await resp.json()) == (200, {})
@@ -381,8 +389,8 @@ async def test_pipelines_sources_work_beside_track_sources(gw: Any, tmp_path: Pa
     assert [s for s, _, _ in spool_rows(tmp_path)] == ["web"]
 
 
-async def test_requests_are_counted_by_endpoint(gw: Any) -> None:
-    client = await gw(sources=SOURCES)
+async def test_requests_are_counted_by_endpoint(gateway_client: Any) -> None:
+    client = await gateway_client(storage=KEEP, sources=SOURCES)
     await request(client, "PUT", "/api/v1/customers/u-1", {})
     await request(client, "PUT", "/api/v1/customers/u-2", {"e": "x" * 1001})
     await request(client, "PUT", "/api/v1/customers/u-2", {}, auth=False)
@@ -423,10 +431,10 @@ ROUND_TRIP = [
 
 
 async def test_a_track_batch_forwarded_to_customerio_arrives_as_the_same_operations(
-        gw: Any, cio: FakeCustomerIO) -> None:
+        gateway_client: Any, cio: FakeCustomerIO) -> None:
     """Through the gateway and its customerio_track destination, Track code
     reaches Customer.io as it did before: each operation comes out as sent."""
-    client = await gw(sources=SOURCES, destinations=[{
+    client = await gateway_client(storage=KEEP, sources=SOURCES, destinations=[{
         "name": "Customer.io", "type": "customerio_track",
         "settings": {"site_id": CIO_SITE_ID, "api_key": CIO_API_KEY, "endpoint": cio.url},
         "filter": {"sources": ["classic"]}, "batch": {"max_wait": 0.01}}])

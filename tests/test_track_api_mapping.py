@@ -23,6 +23,7 @@ import pytest
 import yarl
 
 from gateway.ingest.timestamps import parse_iso_datetime as parse_iso
+from gateway.testing import WRITE_KEY
 from gateway.track_api import mapping
 from gateway.track_api.routes import ENDPOINTS
 from gateway.track_api.validation import TrackError, unix_time
@@ -33,14 +34,8 @@ DOC = (ROOT / "docs" / "track-api-coming-in.md").read_text()
 
 SITE_ID, API_KEY = "site-1", "key-1"
 AUTH = {"Authorization": "Basic " + base64.b64encode(f"{SITE_ID}:{API_KEY}".encode()).decode()}
-SOURCES = f"""
-    sources:
-      - name: web
-        write_keys: ["test-write-key"]
-      - name: classic
-        kind: track_api
-        track_api: {{site_id: {SITE_ID}, api_key: {API_KEY}}}
-    """
+SOURCES = [{"name": "web", "write_keys": [WRITE_KEY]},
+           {"name": "classic", "kind": "track_api", "track_api": {"site_id": SITE_ID, "api_key": API_KEY}}]
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 ISO_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
@@ -93,11 +88,11 @@ def matches(got: dict[str, Any], expected: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize("case", EXAMPLES, ids=[c["name"] for c in EXAMPLES])
 async def test_each_track_call_reaches_a_destination_as_its_pipelines_calls(
-        gateway_client: Callable[..., Any], sink: Any, case: dict[str, Any]) -> None:
-    client = await gateway_client(destinations(sink.url), sources=SOURCES)
+        gateway_client: Callable[..., Any], fake_destination: Any, case: dict[str, Any]) -> None:
+    client = await gateway_client(destinations(fake_destination.url), sources=SOURCES)
     status, body = await send(client, case["request"])
     assert (status, body) == (200, {}), (case["covers"], body)
-    delivered = await sink.wait_for(len(case["calls"]))
+    delivered = await fake_destination.wait_delivered(len(case["calls"]))
     assert len(delivered) == len(case["calls"])
     for got, expected in zip(delivered, case["calls"]):
         assert matches(as_written(got, expected), expected), case["covers"]

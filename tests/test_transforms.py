@@ -10,16 +10,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
-from delivery_kit import (  # noqa: F401 - fixtures
-    body, make_fake, metrics, post, post_batch, sample, spool_file, track, wait_until, webhook,
-)
 from gateway.config import ConfigError, TransformConfig
 from gateway.api import Transform
 from gateway.plugins import build_registry, build_transform, make_manager
-from gateway.spool.sqlite_reads import stored_calls
+from gateway.spool.store import FILE
+from gateway.testing import metrics, sample, send, send_batch, spool_calls, spool_path, track, wait_until, webhook
 
 REGISTRY = build_registry(make_manager())
 
@@ -124,18 +121,18 @@ def test_settings_errors_name_the_key(type_: str, settings: dict[str, Any], mess
 # -- end to end ------------------------------------------------------------------
 
 def spool_bytes(tmp_path: Path) -> bytes:
-    f = spool_file(tmp_path)
+    f = spool_path(tmp_path) / FILE
     return b"".join(p.read_bytes() for p in (f, f.with_name(f.name + "-wal")) if p.exists())
 
 
-async def test_source_drop_fields_keeps_the_ip_off_disk(gateway_client: Any, make_fake: Any,
+async def test_source_drop_fields_keeps_the_ip_off_disk(gateway_client: Any, make_fake_destination: Any,
                                                         tmp_path: Path) -> None:
-    hook = await make_fake()
-    client = await gateway_client(body([webhook("Hook", hook.url)],
-                                       transforms=[{"type": "drop_fields", "settings": {"paths": ["context.ip"]}}]))
-    await post(client, track("m-1"))
-    await post_batch(client, [track("m-2"), track("m-3", context={"ip": "198.51.100.7"})])
-    stored = [msgspec.json.decode(c) for c in stored_calls(tmp_path / "spool")]
+    hook = await make_fake_destination()
+    client = await gateway_client(destinations=[webhook("Hook", hook.url)],
+                                  transforms=[{"type": "drop_fields", "settings": {"paths": ["context.ip"]}}])
+    await send(client, track("m-1"))
+    await send_batch(client, [track("m-2"), track("m-3", context={"ip": "198.51.100.7"})])
+    stored = spool_calls(tmp_path)
     assert [c["messageId"] for c in stored] == ["m-1", "m-2", "m-3"]
     assert all("ip" not in c["context"] for c in stored)
     raw = spool_bytes(tmp_path)
@@ -144,28 +141,29 @@ async def test_source_drop_fields_keeps_the_ip_off_disk(gateway_client: Any, mak
     assert all("ip" not in c["context"] for c in hook.delivered())
 
 
-async def test_without_the_transform_the_ip_is_on_disk(gateway_client: Any, make_fake: Any, tmp_path: Path) -> None:
+async def test_without_the_transform_the_ip_is_on_disk(gateway_client: Any, make_fake_destination: Any,
+                                                       tmp_path: Path) -> None:
     """The control for the test above: the same look finds the IP when nothing drops it."""
-    hook = await make_fake()
-    client = await gateway_client(body([webhook("Hook", hook.url)]))
-    await post(client, track("m-1"))
-    stored = [msgspec.json.decode(c) for c in stored_calls(tmp_path / "spool")]
+    hook = await make_fake_destination()
+    client = await gateway_client(destinations=[webhook("Hook", hook.url)])
+    await send(client, track("m-1"))
+    stored = spool_calls(tmp_path)
     assert stored[0]["context"]["ip"] == "127.0.0.1"
     assert b"127.0.0.1" in spool_bytes(tmp_path)
 
 
-async def test_destination_transforms_change_one_destination_only(gateway_client: Any, make_fake: Any) -> None:
-    alpha, beta = await make_fake(), await make_fake()
-    client = await gateway_client(body(
-        [webhook("Alpha", alpha.url, transforms=[
+async def test_destination_transforms_change_one_destination_only(gateway_client: Any,
+                                                                  make_fake_destination: Any) -> None:
+    alpha, beta = await make_fake_destination(), await make_fake_destination()
+    client = await gateway_client(
+        destinations=[webhook("Alpha", alpha.url, transforms=[
             {"type": "set_fields", "settings": {"values": {"context.app.env": "prod"}}},
             {"type": "rename_events", "settings": {"mapping": {"Clicked": "Button Clicked"}}},
             {"type": "hash_fields", "settings": {"paths": ["userId"], "salt": "pepper"}},
             {"type": "drop_fields", "settings": {"paths": ["properties.secret"]}},
-         ]),
-         webhook("Beta", beta.url)],
-        transforms=[{"type": "set_fields", "settings": {"values": {"context.gateway": "gw-1"}}}]))
-    await post(client, track("m-1", properties={"secret": "s3", "plan": "pro"}))
+        ]), webhook("Beta", beta.url)],
+        transforms=[{"type": "set_fields", "settings": {"values": {"context.gateway": "gw-1"}}}])
+    await send(client, track("m-1", properties={"secret": "s3", "plan": "pro"}))
     await wait_until(lambda: alpha.delivered() and beta.delivered(), what="both destinations")
     [a], [b] = alpha.delivered(), beta.delivered()
     assert b["event"] == "Clicked" and b["userId"] == "u1" and b["properties"] == {"secret": "s3", "plan": "pro"}
@@ -178,16 +176,17 @@ async def test_destination_transforms_change_one_destination_only(gateway_client
     assert a == want
 
 
-async def test_drops_are_counted(gateway_client: Any, make_fake: Any) -> None:
-    alpha, beta = await make_fake(), await make_fake()
-    client = await gateway_client(body(
-        [webhook("Alpha", alpha.url, transforms=[{"type": "deny_events", "settings": {"events": ["Keep B"]}}]),
-         webhook("Beta", beta.url)],
-        transforms=[{"type": "allow_events", "settings": {"events": ["Keep A", "Keep B"]}}]))
-    await post_batch(client, [track("a", event="Keep A"), track("x", event="Noise"), track("b", event="Keep B"),
+async def test_drops_are_counted(gateway_client: Any, make_fake_destination: Any) -> None:
+    alpha, beta = await make_fake_destination(), await make_fake_destination()
+    client = await gateway_client(
+        destinations=[webhook("Alpha", alpha.url, transforms=[{"type": "deny_events",
+                                                                "settings": {"events": ["Keep B"]}}]),
+                      webhook("Beta", beta.url)],
+        transforms=[{"type": "allow_events", "settings": {"events": ["Keep A", "Keep B"]}}])
+    await send_batch(client, [track("a", event="Keep A"), track("x", event="Noise"), track("b", event="Keep B"),
                               track("y", event="Other")])
-    await post(client, track("z", event="Noise"))
-    await post(client, {"type": "identify", "userId": "u1", "messageId": "i"})
+    await send(client, track("z", event="Noise"))
+    await send(client, {"type": "identify", "userId": "u1", "messageId": "i"})
     await wait_until(lambda: len(beta.delivered()) == 3 and len(alpha.delivered()) == 2, what="deliveries")
     assert [c["messageId"] for c in beta.delivered()] == ["a", "b", "i"]
     assert [c["messageId"] for c in alpha.delivered()] == ["a", "i"]

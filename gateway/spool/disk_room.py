@@ -6,7 +6,9 @@ new calls are refused (503 + Retry-After) while the free space is below a
 reserve, ``storage.min_free_bytes``: what delivery writes to record its
 progress then always has room.  Free pages inside the spool file count as
 free, since SQLite reuses them before it grows the file: without that, a
-purge would never be seen to make room.
+purge would never be seen to make room.  What the WAL holds counts as
+taken twice, since its checkpoint grows the spool file by as much: a burst
+of appends fills the WAL faster than checkpoints empty it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ from gateway.units import human_size
 AUTO_SHARE = 0.05
 AUTO_MIN = 4 << 20
 AUTO_MAX = 1 << 30
-#: seconds between looks at the filesystem (one statvfs, one PRAGMA)
+#: seconds between looks at the filesystem (one statvfs, one stat, one PRAGMA)
 LOOK_EVERY = 0.25
+#: and bytes appended between looks, at most
+LOOK_AFTER_BYTES = 1 << 20
+#: disk an appended byte takes, at most: the WAL's frames, the table's pages, the messageId index
+OVERHEAD = 2
 
 
 def auto_reserve(total: int) -> int:
@@ -38,8 +44,10 @@ class DiskRoom:
     LOOK_EVERY seconds; appends in between are subtracted, so a burst cannot
     run past the reserve unseen."""
 
-    def __init__(self, directory: Path, reserve: int, reusable: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, directory: Path, reserve: int, reusable: Callable[[], int] = lambda: 0,
+                 wal: Path | None = None) -> None:
         self.directory = directory
+        self.wal = wal
         self.configured = reserve  # -1: auto
         self.reusable = reusable
         self.reserve = 0
@@ -51,14 +59,20 @@ class DiskRoom:
         st = os.statvfs(self.directory)
         total = st.f_blocks * st.f_frsize
         self.reserve = auto_reserve(total) if self.configured < 0 else self.configured
-        self.free = st.f_bavail * st.f_frsize + self.reusable()
+        self.free = st.f_bavail * st.f_frsize + self.reusable() - self._wal_size()
         self._looked = time.monotonic()
         self._since = 0
         return self.free
 
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(self.wal).st_size if self.wal is not None else 0
+        except FileNotFoundError:
+            return 0
+
     def left(self) -> int:
         """Free bytes now, as far as can be known without a system call."""
-        if time.monotonic() - self._looked >= LOOK_EVERY:
+        if self._since >= LOOK_AFTER_BYTES or time.monotonic() - self._looked >= LOOK_EVERY:
             try:
                 self.look()
             except OSError:
@@ -66,7 +80,7 @@ class DiskRoom:
         return self.free - self._since
 
     def took(self, size: int) -> None:
-        self._since += size
+        self._since += size * OVERHEAD
 
     def problem(self, size: int) -> str | None:
         """Why ``size`` more bytes may not be taken now, if they may not."""

@@ -55,6 +55,15 @@ class Spool(Protocol):
     async def read(self, after: int, limit: int) -> list[Record]:
         """Up to ``limit`` calls stored after position ``after``, in order."""
 
+    async def window(self, destination: str, after: int, limit: int) -> list[Record]:
+        """The calls the destination delivers next: up to ``limit`` after
+        ``after`` (its cursor, or the last call of the window before), in
+        increasing position.  An ack's ``cursor`` covers the calls windows
+        handed out up to it.  SQLite: ``read(after, limit)``, the destination's
+        cursor being its position in the one log.  NATS: calls leased to this
+        process from the destination's consumer (shared by every process), so
+        what follows ``after`` is what this process holds, not the log."""
+
     async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
         """Retries of the destination due at ``now``, soonest first."""
 

@@ -115,7 +115,7 @@ class SqliteSpool:
         #: seconds a stored messageId keeps a call with the same id out (0: off)
         self.dedup_window = dedup_window
         #: free space on the spool's filesystem, against storage.min_free_bytes
-        self.room = DiskRoom(self.dir, min_free_bytes, self._reusable_bytes)
+        self.room = DiskRoom(self.dir, min_free_bytes, self._reusable_bytes, self.dir / (FILE + "-wal"))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None  # None while no writer answers
         self._proc: subprocess.Popen[bytes] | None = None
@@ -406,6 +406,10 @@ class SqliteSpool:
         batches took 50-90 ms under load, and delivery fell behind ingest."""
         assert self._lconn is not None
         return read_after(self._lconn, after, limit, self._split_cache)
+
+    async def window(self, destination: str, after: int, limit: int) -> list[Record]:
+        """What the destination delivers next: the log after its cursor."""
+        return await self.read(after, limit)
 
     async def due(self, destination: str, now: float, limit: int, exclude: Iterable[int] = ()) -> list[Pending]:
         skip = tuple(exclude)

@@ -77,6 +77,7 @@ END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY s
 PURGE_ROWS = 32  # rows deleted a transaction by a purge
 PURGE_BYTES = 1 << 20  # and bytes, past the first row
 FILE = "spool.sqlite3"
+WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is cut back to when it restarts
 #: a row to insert: (source, received, count, data)
 Row = tuple[str, float, int, bytes]
 IDS_PER_STATEMENT = 1000  # messageIds claimed by one INSERT ... RETURNING
@@ -90,6 +91,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: the WAL is fsync'd at every commit, so a 200 survives power loss.
         conn.execute("PRAGMA synchronous=FULL")
+        # After a burst the WAL is cut back to this when it restarts, so its
+        # file does not keep the burst's size on a small disk (disk_room.py).
+        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         conn.executescript(SCHEMA)
     return conn
 

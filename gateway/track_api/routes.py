@@ -16,7 +16,6 @@ import binascii
 import hmac
 import logging
 from datetime import datetime, timezone
-from time import perf_counter
 from typing import Any, Awaitable, Callable, Iterable
 
 import msgspec
@@ -155,9 +154,8 @@ class TrackApi:
     def __init__(self, app: web.Application, handlers: Handlers) -> None:
         cfg = app[state.CONFIG]
         self.ingest = app[state.INGEST]
-        self.spool = app[state.SPOOL]
+        self.intake = app[state.INTAKE]
         self.counters = app[state.COUNTERS]
-        self.share = app[state.INGEST_SHARE]
         self.keys = TrackKeys(cfg.sources)
         self.proxies = ProxyTrust(cfg.server.trusted_proxies)
         self.handlers = handlers
@@ -212,29 +210,17 @@ class TrackApi:
     async def _prepare(self, source: SourceConfig, calls: list[mapping.Call], peer: str | None,
                        now: datetime) -> Prepared:
         """``Ingest.prepare_calls`` within ingest's share of the loop."""
-        if self.share.full():
-            await self.share.wait()
-        started = perf_counter()
-        try:
-            return self.ingest.prepare_calls(source, calls, peer, now)
-        finally:
-            self.share.spend(perf_counter() - started)
+        return await self.intake.prepare(lambda: self.ingest.prepare_calls(source, calls, peer, now))
 
     async def _store(self, source: SourceConfig, prepared: Prepared) -> None:
-        """Append what a request prepared; a 503 (Refused) when the spool cannot store it."""
-        rows = prepared.rows
-        for reason in prepared.dropped:
-            self.counters.bump(self.counters.dropped, reason)
+        """Append what a request prepared (only calls that passed: a rejected
+        one was refused before); a 503 (Refused) when the spool cannot store it."""
         try:
-            left_out = await self.spool.append(source.name, rows, prepared.ids)
+            await self.intake.store(prepared, "strict")
         except (SpoolFull, StorageFailed) as e:
-            self.counters.bump(self.counters.rejected, "overload", len(rows))
-            log.warning("track api: 503 for %d call(s): %s", len(rows), e)
+            log.warning("track api: 503 for %d call(s): %s", len(prepared.rows), e)
             raise Refused(503, "overload", f"the gateway cannot store calls right now: {e}", None,
                           {"Retry-After": RETRY_AFTER}) from None
-        if left_out or prepared.duplicates:
-            self.counters.bump(self.counters.deduplicated, source.name, left_out + prepared.duplicates)
-        self.counters.bump(self.counters.accepted, source.name, len(rows) - left_out)
 
     async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.Response:
         source = self._source(request)
