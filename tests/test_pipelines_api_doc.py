@@ -53,11 +53,10 @@ def test_the_required_fields_are_those_checked() -> None:
 
 
 def sdks_section() -> str:
-    """The README's "SDKs" section, or docs/sdks-section.md until it is merged there."""
+    """The README's "SDKs" section."""
     readme = (ROOT / "README.md").read_text()
     start = readme.find("\n## SDKs\n")
-    if start < 0:
-        return (ROOT / "docs" / "sdks-section.md").read_text()
+    assert start >= 0, "README.md has no section \"## SDKs\""
     end = readme.find("\n## ", start + 1)
     return readme[start:end if end >= 0 else None]
 
