@@ -29,10 +29,7 @@ import asyncio
 import base64
 import functools
 import json
-import os
 import re
-import shutil
-import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,12 +41,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from node_tools import CHROMIUM, node_problem, skip_without
 from gateway.testing import WRITE_KEY, FakeDestination
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = ROOT / "tests" / "browser"
 PAGES = BROWSER_DIR / "pages"
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 NODE_PACKAGES = ("playwright-core", "@segment/analytics-next", "@customerio/cdp-analytics-browser")
 SEGMENT_DIST = BROWSER_DIR / "node_modules" / "@segment" / "analytics-next" / "dist" / "umd"
 CUSTOMERIO_DIST = BROWSER_DIR / "node_modules" / "@customerio" / "cdp-analytics-browser" / "dist" / "umd"
@@ -60,33 +57,11 @@ RUN_TIMEOUT = 45.0
 
 @functools.lru_cache(maxsize=1)
 def _browser_missing() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return "Node.js (20 or later, with npm) is not installed"
-    try:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-        major = int(version.lstrip("v").split(".")[0])
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return f"{node} --version did not answer"
-    if major < 20:
-        return f"Node.js {version} is too old for playwright-core: it needs 20 or later"
-    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-        return f"Chromium is not installed at {CHROMIUM}: apt-get update && apt-get install -y chromium"
-    for pkg in NODE_PACKAGES:
-        if not (BROWSER_DIR / "node_modules" / pkg / "package.json").is_file():
-            return f"tests/browser/node_modules lacks {pkg}: cd tests/browser && npm ci"
-    return None
+    return node_problem("playwright-core", BROWSER_DIR, NODE_PACKAGES, chromium=True)
 
 
 def _need_browser() -> None:
-    """Skip, saying what to install, when the browser side is missing (fail
-    instead with REQUIRE_BROWSER_TESTS=1)."""
-    reason = _browser_missing()
-    if reason is None:
-        return
-    if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
-        pytest.fail(f"REQUIRE_BROWSER_TESTS=1, but {reason}", pytrace=False)
-    pytest.skip(reason)
+    skip_without(_browser_missing())
 
 
 def basic(key: str) -> str:

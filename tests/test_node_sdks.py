@@ -27,9 +27,6 @@ import copy
 import functools
 import gzip
 import json
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +37,7 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from node_tools import node_problem, skip_without
 from gateway.testing import WRITE_KEY, FakeDestination
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,31 +53,11 @@ RUN_TIMEOUT = 30.0
 
 @functools.lru_cache(maxsize=1)
 def _node_missing() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return "Node.js (20 or later, with npm) is not installed"
-    try:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-        major = int(version.lstrip("v").split(".")[0])
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return f"{node} --version did not answer"
-    if major < 20:
-        return f"Node.js {version} is too old for @segment/analytics-node 3: it needs 20 or later"
-    for pkg in PACKAGES.values():
-        if not (NODE_DIR / "node_modules" / pkg / "package.json").is_file():
-            return f"tests/node/node_modules lacks {pkg}: cd tests/node && npm ci"
-    return None
+    return node_problem("@segment/analytics-node 3", NODE_DIR, tuple(PACKAGES.values()))
 
 
 def need_node() -> None:
-    """Skip, saying what to install, when Node or the SDKs are missing (fail
-    instead with REQUIRE_BROWSER_TESTS=1, as tests/test_browser.py does)."""
-    reason = _node_missing()
-    if reason is None:
-        return
-    if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
-        pytest.fail(f"REQUIRE_BROWSER_TESTS=1, but {reason}", pytrace=False)
-    pytest.skip(reason)
+    skip_without(_node_missing())
 
 
 def pinned_version(sdk: str) -> str:
