@@ -17,7 +17,7 @@ from gateway.browser import CUSTOMERIO, SEGMENT, Cors, public_base, settings_doc
 from gateway.config import Config, strict_for
 from gateway.debugger import setup_debugger_routes
 from gateway.delivery import Delivery
-from gateway.errors import error_body, rejection_body
+from gateway.errors import RETRY_AFTER, error_body, rejection_body
 from gateway.events import BATCH_PATHS, PATH_TYPES
 from gateway.http_body import read_body
 from gateway.ingest import Ingest
@@ -33,7 +33,6 @@ from gateway.spool import SpoolFull, StorageFailed, spool_for
 log = logging.getLogger("gateway")
 
 KINDS = frozenset(PATH_TYPES) | BATCH_PATHS
-RETRY_AFTER = "5"
 OK = b"{}"
 _encode = msgspec.json.Encoder().encode
 
@@ -234,9 +233,9 @@ def create_app(cfg: Config) -> web.Application:
     handlers = Handlers(app)
     setup_routes(app, handlers)
     if any(s.kind == "track_api" for s in cfg.sources):
-        from gateway.track_api.routes import setup_track_api_routes  # it imports this module
+        from gateway.track_api.routes import setup_track_api_routes
 
-        setup_track_api_routes(app, handlers)
+        setup_track_api_routes(app, handlers.observed)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

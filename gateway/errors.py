@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from gateway.ingest.call_checks import Rejection
 
+#: seconds a 503 asks the client to wait before it sends again
+RETRY_AFTER = "5"
+
 
 def error_body(reason: str, message: str, **details: object) -> dict[str, object]:
     """``{"code", "message", "error", "reason", **details}``; ``code`` is the

@@ -22,8 +22,8 @@ import msgspec
 from aiohttp import web
 
 from gateway import app_state as state
-from gateway.app import RETRY_AFTER, Handlers
 from gateway.config import SourceConfig
+from gateway.errors import RETRY_AFTER
 from gateway.http_body import read_body
 from gateway.ingest import BAD_JSON, BOM, Prepared
 from gateway.ingest.auth import ProxyTrust
@@ -42,6 +42,10 @@ REALM = 'Basic realm="Customer.io Track API"'
 Body = dict[str, Any]
 Mapper = Callable[[dict[str, str], Body], list[mapping.Call]]
 
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: the app's wrapper that counts an endpoint's answers and adds CORS (Handlers.observed)
+Observed = Callable[[str, Handler], Handler]
 
 class BatchBody(msgspec.Struct, forbid_unknown_fields=True):
     """``POST /api/v2/batch``: each operation kept as sent, to be measured and decoded on its own."""
@@ -91,7 +95,7 @@ class TrackKeys:
         return len(self._pairs)
 
 
-def error_body(version: int, code: str, message: str, field: str | None = None) -> dict[str, Any]:
+def track_error_body(version: int, code: str, message: str, field: str | None = None) -> dict[str, Any]:
     """Track's shape of an error (v1 ``meta.errors``, v2 ``errors[]``) plus ``code`` and ``message``."""
     body: dict[str, Any] = {"code": code, "message": message}
     if field:
@@ -151,14 +155,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 class TrackApi:
     """The Track endpoints' handlers, bound to one app."""
 
-    def __init__(self, app: web.Application, handlers: Handlers) -> None:
+    def __init__(self, app: web.Application, observed: Observed) -> None:
         cfg = app[state.CONFIG]
         self.ingest = app[state.INGEST]
         self.intake = app[state.INTAKE]
         self.counters = app[state.COUNTERS]
         self.keys = TrackKeys(cfg.sources)
         self.proxies = ProxyTrust(cfg.server.trusted_proxies)
-        self.handlers = handlers
+        self.observed = observed
 
     def handler(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -169,18 +173,18 @@ class TrackApi:
                     self.counters.bump(self.counters.rejected, e.code)
                 log.info("track api: %s %s from %s: %d %s", request.method, request.path, request.remote,
                          e.status, e.message)
-                resp = _json(e.status, error_body(endpoint.version, e.code, e.message, e.field), e.headers)
+                resp = _json(e.status, track_error_body(endpoint.version, e.code, e.message, e.field), e.headers)
                 if not request.content.is_eof():
                     resp.force_close()  # do not drain what was refused unread
                 return resp
             except Exception:
                 log.exception("track api: error on %s %s", request.method, request.path)
-                return _json(500, error_body(endpoint.version, "internal", "internal error"))
-        return self.handlers.observed(f"{endpoint.method} {endpoint.path}", handle)
+                return _json(500, track_error_body(endpoint.version, "internal", "internal error"))
+        return self.observed(f"{endpoint.method} {endpoint.path}", handle)
 
     async def not_found(self, request: web.Request) -> web.Response:
         version = 2 if request.path.startswith("/api/v2/") else 1
-        return _json(404, error_body(version, "not_found",
+        return _json(404, track_error_body(version, "not_found",
                                      f"{request.method} {request.path} is not an endpoint of the Track API"))
 
     def _source(self, request: web.Request) -> SourceConfig:
@@ -299,12 +303,12 @@ def _object_body(raw: bytes, *, allow_empty: bool) -> Body:
     return doc
 
 
-def setup_track_api_routes(app: web.Application, handlers: Handlers) -> None:
+def setup_track_api_routes(app: web.Application, observed: Observed) -> None:
     """Add the Track endpoints, and a JSON 404 for any other ``/api/`` path
     (wrong methods included), when a source of ``kind: track_api`` exists."""
-    api = TrackApi(app, handlers)
+    api = TrackApi(app, observed)
     if not api.keys:
         return
     for endpoint in ENDPOINTS:
         app.router.add_route(endpoint.method, endpoint.path, api.handler(endpoint))
-    app.router.add_route("*", "/api/{tail:.*}", handlers.observed("/api/*", api.not_found))
+    app.router.add_route("*", "/api/{tail:.*}", observed("/api/*", api.not_found))

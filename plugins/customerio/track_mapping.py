@@ -10,15 +10,16 @@ never changes the call it is given.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Annotated, Any, Callable, Literal
+
+import msgspec
 
 from gateway.api import MappingError
 from plugins.customerio import track_fields as fields
+from plugins.customerio.client import check_region
 from plugins.customerio.timestamps import convert_timestamps, to_unix
-from plugins.customerio.track_limits import check_event_name
+from plugins.customerio.track_limits import MAX_OPS_HARD_CAP, check_event_name
 
-if TYPE_CHECKING:
-    from plugins.customerio.track_v2 import CustomerioTrackDestination
 
 #: docs/customerio-track-v2.md §4.9 R16: the metrics a v2 delivery op can carry
 V2_DELIVERY_METRICS = frozenset({"delivered", "opened", "converted"})
@@ -35,10 +36,34 @@ _GROUP_RESERVED = frozenset({"object_type_id", "objectTypeId", "relationshipAttr
 Mapper = Callable[["TrackV2Mapping", dict[str, Any]], "dict[str, Any] | None"]
 
 
+
+class TrackV2Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The settings of a ``customerio_track`` destination."""
+
+    #: Workspace Settings > API Credentials; an all-digit value may come from YAML as a number
+    site_id: str | int
+    api_key: str | int
+    region: str = "us"
+    #: overrides the region's base URL (tests, proxies)
+    endpoint: str | None = None
+    convert_timestamps: bool = True
+    detect_email_user_ids: bool = True
+    event_id_mode: Literal["ulid", "message_id", "none"] = "ulid"
+    max_ops_per_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_OPS_HARD_CAP)] = 100
+    #: docs/customerio-track-v2.md §8: delivery metrics v2 cannot carry go to /api/v1/metrics
+    delivery_v1_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        self.site_id, self.api_key = str(self.site_id), str(self.api_key)
+        if not self.site_id or not self.api_key:
+            raise ValueError("site_id and api_key are required (Workspace Settings > API Credentials)")
+        self.region = check_region(self.region)
+
+
 class TrackV2Mapping:
     """The mapping under one destination's settings."""
 
-    def __init__(self, settings: CustomerioTrackDestination.Settings) -> None:
+    def __init__(self, settings: TrackV2Settings) -> None:
         self.convert_attributes = settings.convert_timestamps
         self.detect_emails = settings.detect_email_user_ids
         self.event_id_mode = settings.event_id_mode

@@ -11,7 +11,7 @@ v2 cannot carry to the v1 metrics endpoint, one request each.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -19,9 +19,9 @@ from gateway.api import (
     BODY_EXCERPT, DELIVERED, Failed, HttpClient, Limits, MappingError, Outcome, Retry, basic_auth,
     outcome_for_status,
 )
-from plugins.customerio.client import BATCH_OVERHEAD, CustomerioBatchDestination, base_url, check_region
-from plugins.customerio.track_limits import MAX_BATCH_BYTES, MAX_OP_BYTES, MAX_OPS_HARD_CAP, check_limits
-from plugins.customerio.track_mapping import TrackV2Mapping
+from plugins.customerio.client import BATCH_OVERHEAD, CustomerioBatchDestination, base_url
+from plugins.customerio.track_limits import MAX_BATCH_BYTES, MAX_OP_BYTES, check_limits
+from plugins.customerio.track_mapping import TrackV2Mapping, TrackV2Settings
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -45,27 +45,9 @@ class CustomerioTrackDestination(CustomerioBatchDestination):
     limits = Limits(max_batch_calls=100, max_batch_bytes=MAX_BATCH_BYTES, max_call_bytes=MAX_OP_BYTES,
                     batch_overhead=BATCH_OVERHEAD, rate_requests=1000.0, rate_period=1.0)
 
-    class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-        #: Workspace Settings > API Credentials; an all-digit value may come from YAML as a number
-        site_id: str | int
-        api_key: str | int
-        region: str = "us"
-        #: overrides the region's base URL (tests, proxies)
-        endpoint: str | None = None
-        convert_timestamps: bool = True
-        detect_email_user_ids: bool = True
-        event_id_mode: Literal["ulid", "message_id", "none"] = "ulid"
-        max_ops_per_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_OPS_HARD_CAP)] = 100
-        #: docs/customerio-track-v2.md §8: delivery metrics v2 cannot carry go to /api/v1/metrics
-        delivery_v1_fallback: bool = False
+    Settings = TrackV2Settings
 
-        def __post_init__(self) -> None:
-            self.site_id, self.api_key = str(self.site_id), str(self.api_key)
-            if not self.site_id or not self.api_key:
-                raise ValueError("site_id and api_key are required (Workspace Settings > API Credentials)")
-            self.region = check_region(self.region)
-
-    def __init__(self, name: str, settings: Settings, http: HttpClient) -> None:
+    def __init__(self, name: str, settings: TrackV2Settings, http: HttpClient) -> None:
         super().__init__(name, settings, http)
         base = base_url(REGIONS, settings.region, settings.endpoint)
         self.batch_url = base + BATCH_PATH
