@@ -1,29 +1,26 @@
-"""The spool contract (gateway/spool/__init__.py): every backend passes these.
-
-Only the embedded SQLite backend exists today; a new backend joins the
-``backend`` fixture's params."""
+"""The embedded SQLite spool beyond the contract every backend passes
+(tests/test_spool_contract.py): positions and cursors in its one log, group
+commits, purges in steps, byte accounting, its writer process."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
-from gateway.spool import Ack, DeadLetter, Pending, SpoolFull, StorageFailed
+from gateway.spool import Ack, SpoolFull, StorageFailed
 from gateway.spool import store
 from gateway.spool.sqlite import SqliteSpool
-from gateway.spool.sqlite_dead_letters import SqliteDeadLetters
 from gateway.spool.sqlite_reads import stored_calls
 from gateway.testing import wait_until
 
 
-@pytest.fixture(params=["sqlite"])
-async def spool(request: Any, tmp_path: Path) -> AsyncIterator[SqliteSpool]:
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[SqliteSpool]:
     s = SqliteSpool(tmp_path / "spool", max_bytes=1 << 30)
     await s.open()
     yield s
@@ -35,19 +32,6 @@ async def reopen(s: SqliteSpool) -> SqliteSpool:
     again = SqliteSpool(s.dir, s.max_bytes)
     await again.open()
     return again
-
-
-async def test_append_then_read_in_order(spool: SqliteSpool) -> None:
-    await spool.append("web", [b'{"n":1}', b'{"n":2}'])
-    await spool.append("app", [b'{"n":3}'])
-    got = await spool.read(0, 100)
-    assert [r.data for r in got] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
-    assert [r.source for r in got] == ["web", "web", "app"]
-    assert [r.seq for r in got] == sorted(r.seq for r in got) and len({r.seq for r in got}) == 3
-    # Reading after a position returns what follows it, with a limit.
-    assert [r.data for r in await spool.read(got[0].seq, 1)] == [b'{"n":2}']
-    assert [r.data for r in await spool.read(got[1].seq, 10)] == [b'{"n":3}']
-    assert await spool.read(got[2].seq, 10) == []
 
 
 async def test_concurrent_appends_of_several_sources_share_one_insert(spool: SqliteSpool) -> None:
@@ -167,35 +151,6 @@ async def test_full_spool_refuses(tmp_path: Path) -> None:
         assert "storage.max_bytes" in (s.room_problem(5) or "")
     finally:
         await s.close()
-
-
-async def test_retries_come_due_and_finish(spool: SqliteSpool) -> None:
-    now = time.time()
-    await spool.ack(Ack("d", retry=[Pending(7, b"x", "web", 1, now, now + 3600, 503, "HTTP 503", "busy"),
-                                    Pending(8, b"y", "web", 2, now, now - 1, 500, "HTTP 500", "")]))
-    due = await spool.due("d", now, 10)
-    assert [(p.seq, p.data, p.attempts, p.status) for p in due] == [(8, b"y", 2, 500)]
-    assert [p.seq for p in await spool.due("d", now + 7200, 10)] == [8, 7]
-    assert await spool.due("other", now + 7200, 10) == []
-    await spool.ack(Ack("d", done=[8]))
-    assert [p.seq for p in await spool.due("d", now + 7200, 10)] == [7]
-
-
-async def test_dead_letters_list_and_replay(spool: SqliteSpool) -> None:
-    now = time.time()
-    call = b'{"messageId":"m-1","type":"track"}'
-    await spool.ack(Ack("d", dead=[DeadLetter(0, "d", 5, "m-1", "HTTP 400", 400, "bad", 1, now, "web", call)]))
-    letters = SqliteDeadLetters(spool.dir)
-    try:
-        [x] = letters.list("d")
-        assert (x.message_id, x.reason, x.status, x.body, x.data) == ("m-1", "HTTP 400", 400, "bad", call)
-        assert letters.list("other") == [] and letters.list(message_id="nope") == []
-        assert [y.message_id for y in letters.replay(message_id="m-1")] == ["m-1"]
-        assert letters.list() == []
-    finally:
-        letters.close()
-    [p] = await spool.due("d", time.time() + 1, 10)
-    assert (p.seq, p.data, p.attempts) == (5, call, 0)
 
 
 # -- the embedded backend's writer process ---------------------------------
