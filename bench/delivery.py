@@ -41,11 +41,15 @@ def start_sink(port: int, log: Path) -> Proc:
     return Proc([sys.executable, str(ROOT / "bench" / "sink.py"), "--port", str(port)], port, log)
 
 
+#: storage.dedup_window of the runs (None: the config's default, 24h); --dedup-window sets it
+DEDUP_WINDOW: str | None = None
+
+
 def webhook_config(tmp: Path, sink_port: int) -> Path:
     return gateway_config(tmp, f"""  - name: Sink
     type: webhook
     settings: {{url: "http://127.0.0.1:{sink_port}/batch"}}
-    retry: {{backoff_base: 0.2, backoff_cap: 2}}""")
+    retry: {{backoff_base: 0.2, backoff_cap: 2}}""", DEDUP_WINDOW)
 
 
 def end_to_end(tmp: Path, duration: float, connections: int) -> None:
@@ -167,7 +171,10 @@ def main() -> int:
     ap.add_argument("--backlog", type=int, default=1_000_000)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the spools and logs (printed at the end)")
+    ap.add_argument("--dedup-window", help="storage.dedup_window (default: the config's, 24h; 0 turns it off)")
     a = ap.parse_args()
+    global DEDUP_WINDOW
+    DEDUP_WINDOW = a.dedup_window
     with scratch("gateway-bench-delivery-", a.keep) as tmp:
         for d in ("e2e", "backlog"):
             (tmp / d).mkdir()

@@ -20,8 +20,9 @@ import pytest
 
 import gateway.testing
 
-#: the fake Customer.io API's fixtures (``cio``, ``http``), for every test module here
-pytest_plugins = ["fake_customerio"]
+#: the fake Customer.io API's fixtures (``cio``, ``http``), and the real
+#: nats-servers' (``nats_node``, one for the session; ``nats_cluster``), for every test module here
+pytest_plugins = ["fake_customerio", "nats_servers"]
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS_DIR = REPO / "tests" / "plugins"

@@ -20,7 +20,7 @@ from gateway.testing import (
     Action, FakeDestination, ReceivedRequest, metrics, post, sample, send, send_batch, status, track, wait_metric,
     wait_until, webhook,
 )
-from nats_servers import NatsCluster, delete_streams, nats_config, nats_node, prefix, storage_config  # noqa: F401
+from nats_servers import NatsCluster, delete_streams, nats_config, prefix, storage_config
 
 
 @pytest.fixture

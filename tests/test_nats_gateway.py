@@ -29,7 +29,7 @@ from gateway.testing import (
     AUTH_HEADERS, FakeDestination, GatewayProcess, ReceivedRequest, free_port, gateway_cli, gateway_config,
     sleep_then, status, track, wait_until, webhook,
 )
-from nats_servers import NatsCluster, delete_streams, js_api, nats_cluster, nats_config, nats_node, prefix  # noqa: F401
+from nats_servers import NatsCluster, delete_streams, js_api, nats_config, prefix
 
 
 @pytest.fixture
@@ -118,8 +118,16 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
         async def by_path(request: Any, req: ReceivedRequest) -> Any:
             return await (slow_g1 if req.path.endswith("/g1") else sleep_then(fake, 0.05))(request, req)
         fake.default = by_path
-        await wait_until(lambda: calls_of(fake.requests, "/g1", after=time.monotonic() - 0.5), timeout=10,
-                         what="g1 to be sending")
+        slowed_at = time.monotonic()
+
+        def g1_sending_new_calls() -> bool:
+            """g1 has a send in flight (under 2.5 s old) of a call nobody delivered before."""
+            before = {c["messageId"] for r in fake.requests if r.t < slowed_at and r.status == 200
+                      for c in r.json["batch"]}
+            return bool(set(calls_of(fake.requests, "/g1", after=max(slowed_at, time.monotonic() - 2.5))) - before)
+        await wait_until(g1_sending_new_calls, timeout=30, what="g1 to be sending",
+                         seen=lambda: (f"requests: {[(r.path, round(time.monotonic() - r.t, 1)) for r in fake.requests[-8:]]}"
+                                       f"; g1's log: {g1.log_tail(1500)}"))
         await asyncio.sleep(0.3)
         g1.kill()
         killed_g1_at = time.monotonic()
@@ -128,13 +136,25 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
         load.stop.set()
         await asyncio.wait_for(running, 20)
     g1_path, g2_path = "/g1", "/g2"
-    # What g1 was sending when it died: requests that arrived and could not be answered before the kill.
-    in_flight = set(calls_of(fake.requests, g1_path, before=killed_g1_at, after=killed_g1_at - 3.0))
+    # What g1 was sending when it died: requests that arrived once its sends took 3 s, too late to be
+    # answered before the kill.
+    in_flight = set(calls_of(fake.requests, g1_path, before=killed_g1_at, after=max(slowed_at, killed_g1_at - 3.0)))
+    # Not those delivered before (by g2, whose acknowledgement was lost in the election: at least once).
+    in_flight -= {c["messageId"] for r in fake.requests if r.t < slowed_at and r.status == 200
+                  for c in r.json["batch"]}
     assert in_flight, "g1 had nothing in flight: the test proves nothing"
     want = set(load.acked)
-    await wait_until(lambda: want <= {c["messageId"] for c in fake.delivered()}, timeout=40,
-                     what="every call answered 200 to be delivered",
-                     seen=lambda: f"{len(want - {c['messageId'] for c in fake.delivered()})} missing")
+    try:
+        await wait_until(lambda: want <= {c["messageId"] for c in fake.delivered()}, timeout=40,
+                         what="every call answered 200 to be delivered",
+                         seen=lambda: f"{len(want - {c['messageId'] for c in fake.delivered()})} missing")
+    except AssertionError as e:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{g2.url}/metrics") as r:
+                text = await r.text()
+        info = await js_api(nats_cluster.urls, f"CONSUMER.LIST.{stream}_CALLS")
+        raise AssertionError(f"{e}; g2: {[x for x in text.splitlines() if 'nats' in x and not x.startswith('#')]}; "
+                             f"consumers: {info}; g2's log: {g2.log_tail(4000)}") from None
     after_kill = set(calls_of(fake.requests, g2_path, after=killed_g1_at))
     assert in_flight <= after_kill, "g1's calls in flight reached the destination through g2"
     got = Counter(c["messageId"] for c in fake.delivered())
@@ -155,8 +175,9 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
 async def test_no_quorum_is_a_503_and_the_gateway_comes_back_with_the_nodes(
         gateways: Any, nats_cluster: NatsCluster, fake_destination: FakeDestination) -> None:
     stream = prefix()
+    # timeout 2 s: an ack wait of 5 s, for a delivery lost in the elections to come again soon
     gw = await gateways("gw", storage=nats_config(nats_cluster.urls, stream, replicas=3),
-                             destinations=[webhook("Hook", fake_destination.url)])
+                        destinations=[webhook("Hook", fake_destination.url, timeout=2)])
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
         async with http.post(f"{gw.url}/v1/track", json=track("before"), headers=AUTH_HEADERS) as r:
             assert r.status == 200
@@ -181,12 +202,24 @@ async def test_no_quorum_is_a_503_and_the_gateway_comes_back_with_the_nodes(
                 return r.status == 200
         await wait_until(accepted, timeout=40, poll=0.5, what="a 200 once the nodes are back")
 
+        said: list[str] = []
+
         async def ready() -> bool:
             async with http.get(f"{gw.url}/ready") as r:
+                said[:] = [await r.text()]
                 return r.status == 200
-        await wait_until(ready, timeout=10, what="/ready to say 200")
-    await wait_until(lambda: {"before", "after"} <= {c["messageId"] for c in fake_destination.delivered()},
-                     timeout=20, what="the calls answered 200 to be delivered")
+        await wait_until(ready, timeout=10, what="/ready to say 200", seen=lambda: said)
+    try:
+        await wait_until(lambda: {"before", "after"} <= {c["messageId"] for c in fake_destination.delivered()},
+                         timeout=30, what="the calls answered 200 to be delivered")
+    except AssertionError:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{gw.url}/metrics") as r:
+                text = await r.text()
+        info = await js_api(nats_cluster.urls, f"CONSUMER.LIST.{stream}_CALLS")
+        raise AssertionError(f"delivered {[c['messageId'] for c in fake_destination.delivered()]}; "
+                             f"{[x for x in text.splitlines() if 'nats' in x and not x.startswith('#')]}; "
+                             f"{info}; {gw.log_tail(3000)}") from None
 
 
 async def test_the_consumers_of_a_removed_destination_are_deleted(gateways: Any, nats_node: NatsCluster,

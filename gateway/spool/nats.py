@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import itertools
 import logging
 import secrets
@@ -42,9 +43,9 @@ import msgspec
 
 from gateway.config import DestinationConfig, StorageConfig
 from gateway.spool.nats_js import (
-    CONSUMER_NOT_FOUND, META_DESTINATION, META_SEEN, MESSAGE_CALLS, NO_STORAGE, SPAN, STORE_FAILED, ApiError, Js,
+    CONSUMER_NOT_FOUND, DUPLICATE_IN_PROCESS, META_DESTINATION, META_SEEN, MESSAGE_CALLS, NO_STORAGE, SPAN, STORE_FAILED, ApiError, Js,
     Names,
-    ack_wait_for, connect, consumer_config, stream_configs,
+    ack_wait_for, connect, consumer_config, consumer_of, stream_configs,
 )
 from gateway.spool.nats_lanes import CallLane, Puller, RetryLane
 from gateway.spool.records import Ack, Pending, Record, SpoolFull, StorageFailed
@@ -98,15 +99,37 @@ class _Destination:
         self.dead_subject = names.dead_subject(name)
         self.calls = CallLane(MAX_LEASED_MESSAGES, MAX_LEASED_CALLS, MAX_LEASED_BYTES)
         self.retries = RetryLane(MAX_LEASED_RETRIES)
-        self.call_puller = Puller(names.calls, self.consumer, self.calls.room, self._on_call, self.ensure)
-        self.retry_puller = Puller(names.retries, self.consumer, self.retries.room, self._on_retry, self.ensure)
+        self.call_puller = Puller(names.calls, self.consumer, self.calls.room, self._on_call, self.repair)
+        self.retry_puller = Puller(names.retries, self.consumer, self.retries.room, self._on_retry, self.repair)
         self.started = False
+        #: acknowledgements the server did not confirm: sent again with the next ack
+        self.unconfirmed: list[str] = []
 
     async def ensure(self) -> None:
         """Create the consumers, or update them (marking them seen)."""
-        js, names = self.spool.js, self.spool.names
+        js, names = self.spool._api(), self.spool.names
         await js.ensure_consumer(names.calls, consumer_config(names, self.name, self.ack_wait, retry=False))
         await js.ensure_consumer(names.retries, consumer_config(names, self.name, self.ack_wait, retry=True))
+
+    async def repair(self) -> None:
+        """A pull request found no consumer to answer it: during an election
+        nothing is to be done (pulls go on); a consumer that is gone (deleted
+        by hand, or by a gateway that thought the destination removed) is
+        made again, at the end of the stream."""
+        js, names = self.spool.js, self.spool.names
+        if js is None:
+            return
+        for stream in (names.calls, names.retries):
+            try:
+                await js.call(f"CONSUMER.INFO.{stream}.{self.consumer}", timeout=2.0)
+            except ApiError as e:
+                if e.err_code == CONSUMER_NOT_FOUND:
+                    log.warning("%s: the consumer %s of %s is gone; making it again", self.name, self.consumer, stream)
+                    await self.ensure()
+                    return
+                raise
+            except StorageFailed:
+                return  # no answer: an election, or no quorum
 
     async def start(self, nc: "Client") -> None:
         await self.call_puller.start(nc)
@@ -163,6 +186,7 @@ class NatsSpool:
         self._down_since: float | None = None
         self._failing_since: float | None = None  # since when publishes get no acknowledgement
         self._failing_why = ""
+        self._stored_at = -1e9  # when a publish was last acknowledged
         self._tasks: list[asyncio.Task[None]] = []
         self._opened_at = 0.0
         self._seen_at = 0.0  # when this process last marked its consumers seen
@@ -250,15 +274,22 @@ class NatsSpool:
                 pass
         self._tasks.clear()
         now = time.time()
+        naks: list[tuple[str, bytes]] = []
         for d in self.dests.values():
             await d.call_puller.stop()
             await d.retry_puller.stop()
             d.started = False
-            for reply in d.calls.release():
-                self._send(reply, b"-NAK")
+            naks += [(reply, b"-NAK") for reply in d.calls.release()]
             for x in d.retries.release():
                 wait = x.pending.next_at - now
-                self._send(x.reply, b'-NAK {"delay": %d}' % int(wait * 1e9) if wait > 0 else b"-NAK")
+                naks.append((x.reply, b'-NAK {"delay": %d}' % int(wait * 1e9) if wait > 0 else b"-NAK"))
+        nc = self.nc
+        if nc is not None and nc.is_connected:
+            try:
+                for reply, nak in naks:  # before the drain below sends what is pending
+                    await nc.publish(reply, nak)
+            except Exception as e:  # noqa: BLE001 - they come back after their ack wait instead
+                log.warning("could not hand back %d leased message(s): %s", len(naks), e)
         await self._close_connection()
 
     async def _close_connection(self) -> None:
@@ -381,7 +412,7 @@ class NatsSpool:
             fut = asyncio.ensure_future(self._publish_group(source, group.rows, now))
             self._publishing.add(fut)
             fut.add_done_callback(self._publishing.discard)
-            fut.add_done_callback(lambda f, waiters=group.waiters: self._settle(waiters, f))
+            fut.add_done_callback(functools.partial(self._settle, group.waiters))
 
     @staticmethod
     def _settle(waiters: list[asyncio.Future[None]], job: asyncio.Future[None]) -> None:
@@ -461,6 +492,12 @@ class NatsSpool:
                 self.in_flight -= 1
             resp = msgspec.json.decode(msg.data)
             err = resp.get("error") if isinstance(resp, dict) else None
+            if err and err.get("err_code") == DUPLICATE_IN_PROCESS:
+                # The first attempt is still waiting for its quorum: so do we.
+                why = "the first attempt is still waiting for a quorum"
+                self._failing(why)
+                await asyncio.sleep(min(0.1, max(0.0, end - time.monotonic())))
+                continue
             if err:
                 desc = str(err.get("description", ""))
                 if err.get("err_code") == STORE_FAILED and "maximum" in desc:
@@ -470,6 +507,7 @@ class NatsSpool:
                 raise StorageFailed(f"the stream refused the calls: {desc} (error {err.get('err_code')})")
             took = time.perf_counter() - started
             self._failing_since = None
+            self._stored_at = time.monotonic()
             self.on_commit(took)
             self.publish_counts[bisect.bisect_left(PUBLISH_BUCKETS, took)] += 1
             self.publish_sum += took
@@ -544,7 +582,7 @@ class NatsSpool:
                          {"Nats-Msg-Id": f"{token}:{x.seq}:d{'r%d' % origin if origin else 'm'}"}))
         if jobs:
             await self._publish_all(jobs)
-        replies: list[str] = []
+        replies, d.unconfirmed = d.unconfirmed, []  # a step stored again: its acks go again too
         for seq, sseqs in finished.items():
             replies.extend(x.reply for x in d.retries.take(seq, sseqs))
         if ack.cursor is not None:
@@ -552,7 +590,11 @@ class NatsSpool:
             d.call_puller.wake.set()
         if replies:
             d.retry_puller.wake.set()
-            await self._ack_all(replies)
+            try:
+                await self._ack_all(replies)
+            except StorageFailed:
+                d.unconfirmed = replies
+                raise
 
     async def _publish_all(self, jobs: list[tuple[str, bytes, dict[str, str]]]) -> None:
         sem = asyncio.Semaphore(PUBLISHES_IN_FLIGHT)
@@ -574,7 +616,17 @@ class NatsSpool:
         if nc is None:
             raise StorageFailed("the spool is closed")
         try:
-            await asyncio.gather(*(nc.request(r, b"+ACK", timeout=ACK_TIMEOUT) for r in replies))
+            # One confirmation per step: acks of one connection reach a
+            # consumer in order, so the answer to the last of a consumer's
+            # acks comes once the server has taken every one before it.
+            last: dict[str, str] = {}
+            for r in replies:
+                last[consumer_of(r)] = r
+            confirm = set(last.values())
+            for r in replies:
+                if r not in confirm:
+                    await nc.publish(r, b"+ACK")
+            await asyncio.gather(*(nc.request(r, b"+ACK", timeout=ACK_TIMEOUT) for r in confirm))
         except (nats.errors.Error, asyncio.TimeoutError) as e:
             raise StorageFailed(f"the acknowledgements were not confirmed: {type(e).__name__}: {e}") from None
 
@@ -691,6 +743,8 @@ class NatsSpool:
                                 f"{self._failing_why}")
         info = await self._api().call(f"STREAM.INFO.{self.names.calls}", timeout=1.5)
         cluster = info.get("cluster") or {}
+        if cluster.get("leader") and time.monotonic() - self._stored_at < REPLICA_SILENT:
+            return  # a quorum stored a publish just now (replicas catching up count as not current)
         replicas = cluster.get("replicas") or []
         # A leader that lost its followers says it leads for a while; their
         # silence (``active``: nanoseconds since it last heard them) tells.

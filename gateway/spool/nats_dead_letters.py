@@ -32,6 +32,7 @@ QUEUE_EVERY = 5000  # calls between progress reports
 SCAN_BATCH = 1000  # messages a scan asks for at a time
 
 T = TypeVar("T")
+DeadLetters = list[DeadLetter]  # (the class's ``list`` method hides the builtin in its body)
 encoder = msgspec.msgpack.Encoder()
 dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 
@@ -112,12 +113,12 @@ class NatsDeadLetters(_Command):
         super().__init__(storage)
         self._need(self.names.dead)
 
-    def list(self, destination: str | None = None, message_id: str | None = None) -> list[DeadLetter]:
+    def list(self, destination: str | None = None, message_id: str | None = None) -> DeadLetters:
         return self.run(self._list(destination, message_id))
 
-    async def _list(self, destination: str | None, message_id: str | None) -> list[DeadLetter]:
+    async def _list(self, destination: str | None, message_id: str | None) -> DeadLetters:
         subject = self.names.dead_subject(destination) if destination else f"{self.names.prefix}.dead.*"
-        out: list[DeadLetter] = []
+        out: DeadLetters = []
         async for seq, _hdrs, data in self.js.scan(self.names.dead, subject):
             try:
                 x = dead_decoder.decode(data)
@@ -130,11 +131,11 @@ class NatsDeadLetters(_Command):
         return out
 
     def replay(self, destination: str | None = None, message_id: str | None = None,
-               progress: Callable[[int, int], None] = lambda done, total: None) -> list[DeadLetter]:
+               progress: Callable[[int, int], None] = lambda done, total: None) -> DeadLetters:
         return self.run(self._replay(destination, message_id, progress))
 
     async def _replay(self, destination: str | None, message_id: str | None,
-                      progress: Callable[[int, int], None]) -> list[DeadLetter]:
+                      progress: Callable[[int, int], None]) -> DeadLetters:
         letters = await self._list(destination, message_id)
         now = time.time()
         for k in range(0, len(letters), QUEUE_EVERY):

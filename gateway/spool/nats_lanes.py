@@ -60,7 +60,10 @@ class Puller:
     Each request has a reply subject of its own, so that the messages and
     the status of each (408 expired, 409 leadership change or consumer
     deleted, 404 nothing there, 503 no consumer) are told apart; a request
-    lost with a connection is given up after its expiry and asked again."""
+    lost with a connection is given up after its expiry and asked again.
+    When no consumer answers, ``on_missing`` looks into it (an election goes
+    by; a consumer deleted is made again), from this task only: the
+    delivery worker never waits for that."""
 
     def __init__(self, stream: str, consumer: str, room: Callable[[], tuple[int, int]],
                  on_msg: Callable[["Msg"], None], on_missing: Callable[[], Awaitable[None]]) -> None:
@@ -78,6 +81,7 @@ class Puller:
         self.nc: "Client | None" = None
         self.inbox = ""
         self.closed = False
+        self.trouble = False  # a poll found no consumer answering
 
     async def start(self, nc: "Client") -> None:
         self.nc = nc
@@ -127,7 +131,8 @@ class Puller:
                     await asyncio.wait_for(asyncio.shield(req.done), PULL_EXPIRES + 2 * PULL_HEARTBEAT)
                 except asyncio.TimeoutError:
                     self._finish(req)  # lost (a connection that went away): ask again
-                if req.missing:
+                if req.missing or self.trouble:
+                    self.trouble = False
                     await self.on_missing()
                     await asyncio.sleep(backoff)
                     backoff = min(2.0, backoff * 2)
@@ -150,13 +155,18 @@ class Puller:
         batch, max_bytes = self.room()
         if batch <= 0 or self.nc is None or not self.nc.is_connected:
             return
-        req = await self._request(batch, max_bytes, no_wait=True)
+        try:
+            req = await self._request(batch, max_bytes, no_wait=True)
+        except Exception as e:  # noqa: BLE001 - the connection went: what is held is what there is
+            log.debug("%s: poll failed: %s", self.consumer, e)
+            return
         try:
             await asyncio.wait_for(asyncio.shield(req.done), POLL_TIMEOUT)
         except asyncio.TimeoutError:
             self._finish(req)
-        if req.missing:
-            await self.on_missing()
+        if req.missing:  # the pulling task looks into it; the caller goes on with what is held
+            self.trouble = True
+            self.wake.set()
 
     async def _request(self, batch: int, max_bytes: int, no_wait: bool) -> _Request:
         assert self.nc is not None
@@ -196,7 +206,7 @@ class Puller:
         if status == "100" or req is None:
             return  # a heartbeat: the request still waits
         if status == "503" or (status == "409" and "Deleted" in str(msg.headers)):
-            req.missing = True
+            req.missing = True  # no consumer answered: an election, or it is gone
         self._finish(req)
 
 

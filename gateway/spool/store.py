@@ -13,6 +13,7 @@ reused after a purge, so positions only grow.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -77,11 +78,21 @@ END = ("SELECT coalesce((SELECT seq * 1048576 + count - 1 FROM events ORDER BY s
 PURGE_ROWS = 32  # rows deleted a transaction by a purge
 PURGE_BYTES = 1 << 20  # and bytes, past the first row
 FILE = "spool.sqlite3"
-WAL_SIZE_LIMIT = 4 << 20  # bytes the WAL file is cut back to when it restarts
+#: bytes the WAL file is cut back to when it restarts: a share of the filesystem, within bounds
+WAL_LIMIT_SHARE, WAL_LIMIT_MIN, WAL_LIMIT_MAX = 1 / 32, 1 << 20, 256 << 20
 #: a row to insert: (source, received, count, data)
 Row = tuple[str, float, int, bytes]
 IDS_PER_STATEMENT = 1000  # messageIds claimed by one INSERT ... RETURNING
 PURGE_IDS = 5000  # expired messageIds deleted a step
+
+
+def wal_size_limit(path: Path) -> int:
+    """How large the WAL file may stay after a burst, for the filesystem of ``path``."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return WAL_LIMIT_MAX
+    return int(min(WAL_LIMIT_MAX, max(WAL_LIMIT_MIN, st.f_blocks * st.f_frsize * WAL_LIMIT_SHARE)))
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -93,7 +104,8 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         # After a burst the WAL is cut back to this when it restarts, so its
         # file does not keep the burst's size on a small disk (disk_room.py).
-        conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # Not smaller: a WAL that grows again makes every fsync write metadata.
+        conn.execute(f"PRAGMA journal_size_limit={wal_size_limit(path)}")
         conn.executescript(SCHEMA)
     return conn
 
