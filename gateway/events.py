@@ -27,7 +27,7 @@ PATH_TYPES: Final = {
 BATCH_PATHS: Final = frozenset({"batch", "import", "b"})
 
 #: types that need userId or anonymousId (docs/pipelines-api.md,
-#: "Required fields")
+#: "Required fields by call type")
 NEEDS_PERSON: Final = frozenset({"identify", "track", "page", "screen", "alias"})
 
 #: keys a client may send that are never stored or passed on

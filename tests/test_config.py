@@ -1,7 +1,7 @@
 """config.yaml: environment expansion, typed values, sizes, errors that name
-the key and its line, and ``gateway check`` (DESIGN.md, "Configuration" and
+the key and its line, and ``gateway check`` (README.md, "Configuration" and
 "Command line").  The size limits' defaults come from
-seeds/pipelines-vs-track-api.txt, "Maximum request sizes" (64 KB a call,
+docs/pipelines-api.md, "Maximum request sizes" (64 KB a call,
 1 MB a batch)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def error(text: str, **env: str) -> str:
 # -- ${VAR} and ${VAR:-default} --------------------------------------------------------
 
 def test_env_references_and_defaults() -> None:
-    """DESIGN.md: "${VAR} and ${VAR:-default} are read from the environment"."""
+    """README.md: "${VAR} and ${VAR:-default} are read from the environment"."""
     text = """
         server:
           host: ${HOST}
@@ -81,7 +81,7 @@ def test_whole_references_are_typed() -> None:
 
 
 def test_quoted_references_stay_strings() -> None:
-    """DESIGN.md writes ``write_keys: ["${WEBSITE_WRITE_KEY:-...}"]`` and
+    """README.md writes ``write_keys: ["${WEBSITE_WRITE_KEY:-...}"]`` and
     ``site_id: "${CIO_SITE_ID}"`` quoted: a key or site id that happens to be
     all digits (or "true") must stay a string, not become an int and fail."""
     text = """
@@ -100,7 +100,7 @@ def test_quoted_references_stay_strings() -> None:
 
 
 def test_unset_variable_without_default_names_it_and_its_line() -> None:
-    """README/DESIGN.md: an unset ${VAR} without a default is an error."""
+    """README.md: an unset ${VAR} without a default is an error."""
     msg = error("""
         server:
           host: 127.0.0.1
@@ -138,14 +138,14 @@ def test_load_names_the_file(tmp_path: Path) -> None:
      "destinations[0].filter.type", 5),
 ], ids=["top", "server", "storage", "source", "destination-retry", "destination-filter"])
 def test_unknown_keys_name_the_key_and_its_line(text: str, key: str, line: int) -> None:
-    """DESIGN.md: "Unknown keys are errors that name the key and its line"."""
+    """README.md: "Unknown keys are errors that name the key and its line"."""
     msg = error(text)
     assert f"unknown key '{key}'" in msg
     assert f"line {line}:" in msg
 
 
 def test_unknown_key_in_a_destinations_settings_names_the_field() -> None:
-    """A plugin's settings are a Struct of its own (STYLE.md, msgspec), so a
+    """A plugin's settings are a Struct of its own (msgspec), so a
     misspelled ``settings`` key of the file destination is an error naming it."""
     msg = error("""
         destinations:
@@ -209,13 +209,13 @@ def test_not_a_mapping_and_bad_yaml() -> None:
     ("1TiB", 1024**4), ("100B", 100), ("0", 0),
 ])
 def test_sizes(written: str, value: int) -> None:
-    """DESIGN.md writes sizes as 65536, 1048576 and 10GiB."""
+    """README.md writes sizes as 65536, 1048576 and 10GiB."""
     c = cfg(f"storage:\n  max_bytes: {written}\n")
     assert c.storage.max_bytes == value
 
 
 def test_size_defaults_follow_the_seed() -> None:
-    """seeds/pipelines-vs-track-api.txt: the Pipelines API has "a 64 KB limit
+    """docs/pipelines-api.md: the Pipelines API has "a 64 KB limit
     for single requests and a 1 MB limit for batch requests"."""
     c = cfg("{}")
     assert (c.server.max_event_bytes, c.server.max_batch_bytes) == (65536, 1048576)
@@ -245,7 +245,7 @@ def run_gateway(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None)
 
 
 def test_gateway_check_on_the_repo_config() -> None:
-    """DESIGN.md: ``gateway check`` validates the config and lists sources,
+    """README.md: ``gateway check`` validates the config and lists sources,
     destinations, transforms and the plugins that provide them."""
     r = run_gateway("check", "--config", "config.yaml")
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""A 200 is a promise (DESIGN.md, "Delivery guarantees": "A 200 means the
+"""A 200 is a promise (README.md, "Delivery guarantees": "A 200 means the
 event is on disk (fsync'd) and survives kill -9 and restart"; at least once).
 
 A real ``gateway serve`` with a ``file`` destination is loaded by 16
@@ -156,7 +156,7 @@ async def test_sigkill_mid_load_loses_no_acknowledged_call(gateway_process: Any,
 
 @pytest.mark.parametrize("group", [False, True], ids=["server", "process-group"])
 async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_path: Path, group: bool) -> None:
-    """DESIGN.md: "SIGTERM drains and exits": in-flight requests are answered,
+    """README.md: "SIGTERM drains and exits": in-flight requests are answered,
     exit code 0, and every 200 is delivered (after a restart at the latest).
     ``process-group``: the spool writer gets the signal too, as under systemd
     or Ctrl-C; it stays to store what the server drains, then exits."""
@@ -190,7 +190,7 @@ async def test_sigterm_under_load_drains_and_exits_0(gateway_process: Any, tmp_p
 async def test_a_killed_spool_writer_costs_503s_never_an_acknowledged_call(gateway_process: Any,
                                                                            tmp_path: Path) -> None:
     """kill -9 of the spool's writer process under load: requests it had not
-    answered get 503 + Retry-After (DESIGN.md: "storage failing"), never a
+    answered get 503 + Retry-After (README.md: "storage failing"), never a
     200 or a 500; the server starts another writer and goes on, and every
     call answered 200 is delivered without a restart."""
     out = tmp_path / "out.jsonl"
@@ -245,7 +245,7 @@ def _bounded_time() -> Any:
 async def test_file_destination_starts_a_new_line_after_a_torn_write(gateway_client: Any, tmp_path: Path) -> None:
     """What kill -9 can leave behind (seen under test_sigkill_mid_load...): the
     archive ends in half a line.  Calls delivered after the restart must still
-    be one JSON document per line (DESIGN.md: the file destination is JSONL)."""
+    be one JSON document per line (README.md: the file destination is JSONL)."""
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"type":"track","userId":"u0","event":"Lo')
     client = await gateway_client(destinations=[{"name": "Archive", "type": "file", "settings": {"path": str(out)},

@@ -1,5 +1,5 @@
 """The delivery engine against fake destinations on real sockets, failing in
-every way DESIGN.md names: retryable statuses, Retry-After (seconds and
+every way README.md names: retryable statuses, Retry-After (seconds and
 HTTP-date), timeouts, dropped connections, per-item outcomes, permanent
 4xx, retries running out (count and time window), Paused, a destination
 that hangs, ordering, and the ``gateway_destination_*`` metrics."""
@@ -221,7 +221,7 @@ async def test_gives_up_after_max_age(gateway_client: Any, fake_destination: Fak
 async def test_gives_up_only_when_both_count_and_window_are_spent(gateway_client: Any,
                                                                   fake_destination: FakeDestination,
                                                                   tmp_path: Path) -> None:
-    # DESIGN.md: "give up after both a time window and a count".
+    # README.md: "give up after both a time window and a count".
     fake_destination.default = status(503)
     client = await gateway_client(destinations=[
         webhook("Long", fake_destination.url, retry={"max_attempts": 2, "max_age": 0.8}),

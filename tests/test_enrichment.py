@@ -1,10 +1,10 @@
 """What the gateway adds to, and removes from, every call before it is stored
-(DESIGN.md, "The path of an event": enrich (messageId, receivedAt, timestamp,
+(README.md, "The path of an event": enrich (messageId, receivedAt, timestamp,
 context.ip, batch context)).
 
-The timestamps follow seeds/pipelines-vs-track-api.txt ("Timestamps":
+The timestamps follow docs/pipelines-api.md ("Timestamps":
 timestamp, receivedAt, sentAt, originalTimestamp) and
-seeds/pipelines-api-reference.txt (sentAt: "when a library sends an event";
+docs/pipelines-api.md (sentAt: "when a library sends an event";
 originalTimestamp: "the timestamp on the client device"): the client's clock
 is corrected by the skew between its sentAt and our receivedAt,
 ``timestamp = receivedAt - (sentAt - originalTimestamp)``.
@@ -56,7 +56,7 @@ def one(ing: Ingest, kind: str, payload: Any, **kw: Any) -> dict[str, Any]:
 # -- messageId, receivedAt ------------------------------------------------------------
 
 def test_message_id_added_when_absent_and_kept_when_present(ingest: Callable[..., Ingest]) -> None:
-    """seeds/pipelines-api-reference.txt, messageId: "A unique identifier for a
+    """docs/pipelines-api.md, messageId: "A unique identifier for a
     Data Pipelines call ... This is set by Customer.io" when the client did not."""
     ing = ingest()
     kept = one(ing, "track", {"userId": "u1", "event": "E", "messageId": "client-id-1"})
@@ -76,7 +76,7 @@ def test_message_id_added_when_absent_and_kept_when_present(ingest: Callable[...
 
 
 def test_received_at_is_the_gateway_clock(ingest: Callable[..., Ingest]) -> None:
-    """seeds/pipelines-vs-track-api.txt, "Timestamps": receivedAt, ISO-8601 in
+    """docs/pipelines-api.md, "Timestamps": receivedAt, ISO-8601 in
     milliseconds with a Z; a client's own receivedAt is overwritten."""
     call = one(ingest(), "track", {"userId": "u1", "event": "E", "receivedAt": "1999-01-01T00:00:00.000Z"})
     assert call["receivedAt"] == NOW_ISO
@@ -86,7 +86,7 @@ def test_received_at_is_the_gateway_clock(ingest: Callable[..., Ingest]) -> None
 
 def test_clock_skew_is_corrected_from_sent_at(ingest: Callable[..., Ingest]) -> None:
     """timestamp = receivedAt - (sentAt - originalTimestamp); originalTimestamp
-    keeps the client's timestamp as sent (seeds/pipelines-vs-track-api.txt,
+    keeps the client's timestamp as sent (docs/pipelines-api.md,
     "Timestamps")."""
     # The device clock is 10.5 s behind ours; the call happened 2 s before it was sent.
     call = one(ingest(), "track", {"userId": "u1", "event": "E",
@@ -110,7 +110,7 @@ def test_skew_with_a_clock_ahead_and_zone_offsets(ingest: Callable[..., Ingest])
 
 
 def test_batch_level_sent_at_applies_to_calls_without_one(ingest: Callable[..., Ingest]) -> None:
-    """SDKs put sentAt on the batch envelope (seeds/pipelines-api-reference.txt,
+    """SDKs put sentAt on the batch envelope (docs/pipelines-api.md,
     sentAt: "when a library sends an event"); a call's own sentAt wins."""
     _, calls = prepare(ingest(), "batch", {
         "sentAt": "2024-05-06T07:00:00.000Z",
@@ -129,7 +129,7 @@ def test_batch_level_sent_at_applies_to_calls_without_one(ingest: Callable[..., 
 
 
 def test_timestamp_without_sent_at_is_kept(ingest: Callable[..., Ingest]) -> None:
-    """seeds/pipelines-api-reference.txt, "Backfilling data": a timestamp sent
+    """docs/pipelines-api.md, "Backfilling data": a timestamp sent
     without sentAt is when the event happened, kept as sent."""
     ing = ingest()
     call = one(ing, "track", {"userId": "u1", "event": "E", "timestamp": "2021-01-02T03:04:05.678Z"})
@@ -151,7 +151,7 @@ def test_original_timestamp_alone_is_the_client_time(ingest: Callable[..., Inges
 @pytest.mark.parametrize("field,value", [("timestamp", "yesterday"), ("timestamp", 1361205308),
                                          ("sentAt", "not a date"), ("originalTimestamp", "2024-13-45")])
 def test_unreadable_times_reject_the_call(ingest: Callable[..., Ingest], field: str, value: Any) -> None:
-    """seeds/pipelines-api-reference.txt: timestamp, sentAt and originalTimestamp
+    """docs/pipelines-api.md: timestamp, sentAt and originalTimestamp
     are ISO-8601 date-times; anything else is a validation failure naming the field."""
     p, calls = prepare(ingest(), "track", {"userId": "u1", "event": "E", field: value})
     assert calls == []
@@ -178,7 +178,7 @@ async def test_skew_over_http(gateway_client: Any, tmp_path: Path) -> None:
 # -- context.ip ------------------------------------------------------------------------------
 
 def test_context_ip_from_the_peer(ingest: Callable[..., Ingest]) -> None:
-    """seeds/pipelines-api-reference.txt, context.ip: "captured ... by our
+    """docs/pipelines-api.md, context.ip: "captured ... by our
     servers"; an untrusted peer's X-Forwarded-For is ignored; an ip the client
     set itself is kept."""
     ing = ingest()
@@ -224,7 +224,7 @@ async def test_context_ip_over_http_behind_a_trusted_proxy(gateway_client: Any, 
 # -- batch context and integrations ----------------------------------------------------------
 
 def test_batch_context_and_integrations_are_merged_call_keys_win(ingest: Callable[..., Ingest]) -> None:
-    """seeds/pipelines-api-reference.txt, "Batch requests": "the context and
+    """docs/pipelines-api.md, "Batch requests": "the context and
     integrations objects apply to all calls in the request"; a key the call
     sets itself is kept."""
     _, calls = prepare(ingest(), "batch", {
@@ -269,7 +269,7 @@ def test_identify_traits_from_context_traits(ingest: Callable[..., Ingest]) -> N
 
 
 def test_type_comes_from_the_path_on_single_call_endpoints(ingest: Callable[..., Ingest]) -> None:
-    """The path names the call (seeds/pipelines-api-reference.txt: one endpoint
+    """The path names the call (docs/pipelines-api.md: one endpoint
     per call); a body type that disagrees is overruled, and the path's
     required fields apply."""
     ing = ingest()

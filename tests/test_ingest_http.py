@@ -1,10 +1,10 @@
 """Ingestion over HTTP against the real app on a real socket (issue 2).
 
 The specification is Customer.io's Pipelines API: the strict/lax table in
-seeds/pipelines-vs-track-api.txt ("The Pipelines API has lax and strict
+docs/pipelines-api.md ("The Pipelines API has lax and strict
 modes", "Required fields by request type", "Maximum request sizes") and
-seeds/pipelines-api-reference.txt ("Authentication & rate limits", "Batch
-requests"); DESIGN.md ("HTTP API") adds what is ours: Bearer and body write
+docs/pipelines-api.md ("Authentication & rate limits", "Batch
+requests"); README.md ("HTTP API") adds what is ours: Bearer and body write
 keys, text/plain, the browser short paths, 503 on overload, CORS, metrics.
 
 "Not stored" is checked on the spool file itself (``events`` table), and a
@@ -108,7 +108,7 @@ TABLE: dict[str, tuple[str, bytes, dict[str, str], bool, int, str, str | None, i
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 @pytest.mark.parametrize("row", sorted(TABLE))
 async def test_strict_lax_table(gateway_client: Any, tmp_path: Path, row: str, strict: bool) -> None:
-    """seeds/pipelines-vs-track-api.txt, "Pipelines validation modes": with
+    """docs/pipelines-api.md, "Pipelines validation modes": with
     X-Strict-Mode: 1 each error is a 401/400 with details naming the field
     (and the limit); without it the answer is 200 and nothing is stored."""
     path, data, headers, with_key, status, reason, field, limit = TABLE[row]
@@ -136,7 +136,7 @@ async def test_strict_lax_table(gateway_client: Any, tmp_path: Path, row: str, s
 
 
 async def test_strict_mode_only_for_the_value_1(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-api-reference.txt, X-Strict-Mode: "When not set or set to
+    """docs/pipelines-api.md, X-Strict-Mode: "When not set or set to
     any other value, the API operates in permissive mode"."""
     client = await gateway_client(storage=KEEP)
     assert (await post(client, "/v1/track", {"userId": "u1"}, headers={"X-Strict-Mode": "0"}))[:2] == (200, {})
@@ -145,14 +145,14 @@ async def test_strict_mode_only_for_the_value_1(gateway_client: Any, tmp_path: P
 
 
 async def test_strict_mode_true_is_permissive_per_seed(gateway_client: Any) -> None:
-    """seeds/pipelines-api-reference.txt, X-Strict-Mode header (enum: 1)."""
+    """docs/pipelines-api.md, X-Strict-Mode header (enum: 1)."""
     client = await gateway_client(storage=KEEP)
     assert (await post(client, "/v1/track", {"userId": "u1"}, headers={"X-Strict-Mode": "true"}))[:2] == (200, {})
 
 
 async def test_source_configured_strict_without_header(gateway_client: Any, tmp_path: Path) -> None:
-    """DESIGN.md: lax is "the default per source"; ``strict: true`` makes every
-    request of that source strict (seeds/pipelines-vs-track-api.txt table)."""
+    """README.md: lax is "the default per source"; ``strict: true`` makes every
+    request of that source strict (docs/pipelines-api.md table)."""
     client = await gateway_client(storage=KEEP, sources=[{"name": "web", "write_keys": [WRITE_KEY], "strict": True}])
     got, doc, _ = await post(client, "/v1/track", {"userId": "u1"})
     assert (got, doc["reason"], doc["field"]) == (400, "missing_field", "event")
@@ -168,7 +168,7 @@ async def test_source_configured_strict_without_header(gateway_client: Any, tmp_
 ], ids=["json", "size", "encoding"])
 async def test_strict_source_rejects_whole_request_errors(gateway_client: Any, data: bytes, headers: dict[str, str],
                                                           reason: str) -> None:
-    """seeds/pipelines-vs-track-api.txt table, for a source with ``strict: true``."""
+    """docs/pipelines-api.md table, for a source with ``strict: true``."""
     client = await gateway_client(server=LIMITS, storage=KEEP,
                                   sources=[{"name": "web", "write_keys": [WRITE_KEY], "strict": True}])
     got, doc, _ = await post(client, "/v1/track", data, headers=headers)
@@ -178,7 +178,7 @@ async def test_strict_source_rejects_whole_request_errors(gateway_client: Any, d
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
 async def test_deeply_nested_json_is_a_json_error(gateway_client: Any, tmp_path: Path, path: str, strict: bool) -> None:
-    """seeds/pipelines-vs-track-api.txt: JSON validation failures are 400 in
+    """docs/pipelines-api.md: JSON validation failures are 400 in
     strict mode, 200 in lax mode; never a 500."""
     client = await gateway_client(storage=KEEP)
     nested = b'{"userId": "u1", "event": "x", "type": "track", "properties": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
@@ -196,7 +196,7 @@ async def test_deeply_nested_json_is_a_json_error(gateway_client: Any, tmp_path:
                           "them", strict=True)
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 async def test_unsupported_encoding_br_follows_the_table(gateway_client: Any, tmp_path: Path, strict: bool) -> None:
-    """seeds/pipelines-vs-track-api.txt: content encoding errors are 400 in
+    """docs/pipelines-api.md: content encoding errors are 400 in
     strict mode, 200 in lax mode."""
     client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/track", GOOD, strict=strict, headers={"Content-Encoding": "br"})
@@ -217,7 +217,7 @@ EXTRA = {"identify": {}, "track": {"event": "Clicked"}, "page": {"name": "Home"}
 
 @pytest.mark.parametrize("type_", PERSON_TYPES)
 async def test_person_types_need_user_or_anonymous_id(gateway_client: Any, tmp_path: Path, type_: str) -> None:
-    """seeds/pipelines-vs-track-api.txt, "Required fields by request type":
+    """docs/pipelines-api.md, "Required fields by request type":
     Identify, Track, Page, Screen and Alias need userId or anonymousId."""
     client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, f"/v1/{type_}", {**EXTRA[type_], "messageId": "none"}, strict=True)
@@ -235,7 +235,7 @@ async def test_person_types_need_user_or_anonymous_id(gateway_client: Any, tmp_p
 
 
 async def test_track_needs_an_event_name(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-vs-track-api.txt: "Track calls require an event name"."""
+    """docs/pipelines-api.md: "Track calls require an event name"."""
     client = await gateway_client(storage=KEEP)
     for event in (None, "", 5):
         call = {"userId": "u1"} if event is None else {"userId": "u1", "event": event}
@@ -245,7 +245,7 @@ async def test_track_needs_an_event_name(gateway_client: Any, tmp_path: Path) ->
 
 
 async def test_group_needs_group_id_only(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-vs-track-api.txt: "Group calls require a groupId" (and
+    """docs/pipelines-api.md: "Group calls require a groupId" (and
     nothing else of the person list)."""
     client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/group", {"userId": "u1", "groupId": ""}, strict=True)
@@ -255,8 +255,8 @@ async def test_group_needs_group_id_only(gateway_client: Any, tmp_path: Path) ->
 
 
 async def test_alias_needs_previous_id_and_may_equal_user_id(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-vs-track-api.txt: "Alias calls require a previousId";
-    seeds/pipelines-api-reference.txt, "Merge profiles": previousId and userId.
+    """docs/pipelines-api.md: "Alias calls require a previousId";
+    docs/pipelines-api.md, "Merge profiles": previousId and userId.
     An alias whose userId equals its previousId is still a valid call."""
     client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/alias", {"userId": "u1"}, strict=True)
@@ -268,7 +268,7 @@ async def test_alias_needs_previous_id_and_may_equal_user_id(gateway_client: Any
 
 async def test_required_fields_inside_a_batch(gateway_client: Any, tmp_path: Path) -> None:
     """The same rules apply to every call of a batch, and a batch call needs a
-    type (seeds/pipelines-api-reference.txt, "Batch requests")."""
+    type (docs/pipelines-api.md, "Batch requests")."""
     client = await gateway_client(storage=KEEP)
     batch = [
         {"type": "identify", "userId": "u1", "messageId": "ok-0"},
@@ -304,8 +304,8 @@ async def test_required_fields_inside_a_batch(gateway_client: Any, tmp_path: Pat
 
 @pytest.mark.parametrize("path", ["/v1/batch", "/v1/import", "/v1/b"])
 async def test_lax_partial_batch_keeps_good_calls(gateway_client: Any, tmp_path: Path, path: str) -> None:
-    """DESIGN.md: "A batch keeps its good events"; lax answers 200 {}
-    (seeds/pipelines-vs-track-api.txt table)."""
+    """README.md: "A batch keeps its good events"; lax answers 200 {}
+    (docs/pipelines-api.md table)."""
     client = await gateway_client(storage=KEEP)
     batch = [track("m-0"), {"type": "track", "userId": "u1", "messageId": "bad"}, track("m-2")]
     assert (await post(client, path, {"batch": batch}))[:2] == (200, {})
@@ -318,7 +318,7 @@ async def test_lax_partial_batch_keeps_good_calls(gateway_client: Any, tmp_path:
 async def test_lax_rejections_never_reach_a_destination(gateway_client: Any, fake_destination: FakeDestination,
                                                         tmp_path: Path) -> None:
     """What a webhook destination receives after a mix of good and bad lax
-    requests is exactly the good calls (seeds/pipelines-vs-track-api.txt: lax
+    requests is exactly the good calls (docs/pipelines-api.md: lax
     mode logs the error, answers 200 and the request "will not go through")."""
     client = await gateway_client(server=LIMITS, storage=KEEP, destinations=[
         {"name": "Hook", "type": "webhook", "settings": {"url": fake_destination.url}, "batch": {"max_wait": 0.01}}])
@@ -368,8 +368,8 @@ async def test_batch_where_every_call_is_bad_stores_nothing(gateway_client: Any,
 
 @pytest.mark.parametrize("how", ["basic", "basic-no-colon", "bearer", "body", "body-batch", "bearer-lowercase"])
 async def test_each_way_of_passing_the_write_key(gateway_client: Any, tmp_path: Path, how: str) -> None:
-    """seeds/pipelines-api-reference.txt, "Authentication": the key is the
-    Basic username with a blank password; DESIGN.md adds Bearer and writeKey
+    """docs/pipelines-api.md, "Authentication": the key is the
+    Basic username with a blank password; README.md adds Bearer and writeKey
     in the body (browser SDKs).  writeKey is never stored."""
     client = await gateway_client(storage=KEEP, sources=WEB_AND_APP)
     headers: dict[str, str] = {}
@@ -399,7 +399,7 @@ async def test_each_way_of_passing_the_write_key(gateway_client: Any, tmp_path: 
 
 async def test_bad_key_in_header_wins_over_good_key_in_body(gateway_client: Any, tmp_path: Path) -> None:
     """A wrong Authorization header is an authentication error even when the
-    body carries a valid writeKey (seeds/pipelines-vs-track-api.txt: 401)."""
+    body carries a valid writeKey (docs/pipelines-api.md: 401)."""
     client = await gateway_client(storage=KEEP)
     got, doc, _ = await post(client, "/v1/track", {**GOOD, "writeKey": WRITE_KEY}, auth=False, strict=True,
                              headers={"Authorization": "Bearer wrong-key"})
@@ -437,8 +437,8 @@ async def test_write_key_must_be_a_string(gateway_client: Any, tmp_path: Path) -
 @pytest.mark.parametrize("path", ["/v1/track", "/v1/batch"])
 async def test_compressed_bodies_are_stored(gateway_client: Any, tmp_path: Path, encoding: str, compress: Any,
                                             path: str) -> None:
-    """DESIGN.md: ``Content-Encoding: gzip|deflate`` (deflate both as zlib and
-    raw, as HTTP clients disagree); seeds/pipelines-vs-track-api.txt table."""
+    """README.md: ``Content-Encoding: gzip|deflate`` (deflate both as zlib and
+    raw, as HTTP clients disagree); docs/pipelines-api.md table."""
     client = await gateway_client(storage=KEEP)
     payload = GOOD if path == "/v1/track" else {"batch": [track("m-1"), track("m-2")]}
     got, doc, _ = await post(client, path, compress(msgspec.json.encode(payload)), strict=True,
@@ -451,7 +451,7 @@ async def test_compressed_bodies_are_stored(gateway_client: Any, tmp_path: Path,
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 async def test_broken_gzip_never_500(gateway_client: Any, tmp_path: Path, strict: bool) -> None:
     """Invalid gzip in every shape: 400 in strict mode, 200 in lax, never a
-    500 and never stored (seeds/pipelines-vs-track-api.txt table)."""
+    500 and never stored (docs/pipelines-api.md table)."""
     client = await gateway_client(storage=KEEP)
     good = gzip.compress(msgspec.json.encode(GOOD))
     bodies = {
@@ -478,7 +478,7 @@ async def test_broken_gzip_never_500(gateway_client: Any, tmp_path: Path, strict
                           "ended (it does for deflate), so a gzip body cut before its 8-byte trailer is accepted "
                           "when what was inflated is valid JSON", strict=True)
 async def test_gzip_without_trailer_is_an_encoding_error(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-vs-track-api.txt: invalid gzip → 400 in strict mode."""
+    """docs/pipelines-api.md: invalid gzip → 400 in strict mode."""
     client = await gateway_client(storage=KEEP)
     data = gzip.compress(msgspec.json.encode(GOOD))[:-8]
     got, doc, _ = await post(client, "/v1/track", data, strict=True, headers={"Content-Encoding": "gzip"})
@@ -489,7 +489,7 @@ async def test_gzip_without_trailer_is_an_encoding_error(gateway_client: Any, tm
 # -- limits --------------------------------------------------------------------------------
 
 async def test_max_event_bytes_on_a_single_call_is_exact(gateway_client: Any, tmp_path: Path) -> None:
-    """server.max_event_bytes bounds one call (seeds/pipelines-vs-track-api.txt,
+    """server.max_event_bytes bounds one call (docs/pipelines-api.md,
     "Maximum request sizes"): exactly the limit passes, one byte more fails,
     also when it only grows past the limit once decompressed."""
     client = await gateway_client(server=LIMITS, storage=KEEP)
@@ -515,7 +515,7 @@ async def test_max_event_bytes_on_a_single_call_is_exact(gateway_client: Any, tm
 
 
 async def test_max_batch_bytes_is_exact(gateway_client: Any, tmp_path: Path) -> None:
-    """server.max_batch_bytes bounds a batch request (seeds/pipelines-vs-track-api.txt,
+    """server.max_batch_bytes bounds a batch request (docs/pipelines-api.md,
     "Maximum request sizes"), before and after decompression."""
     client = await gateway_client(server=LIMITS, storage=KEEP)
 
@@ -536,7 +536,7 @@ async def test_max_batch_bytes_is_exact(gateway_client: Any, tmp_path: Path) -> 
 
 
 async def test_max_event_bytes_applies_to_each_call_of_a_batch(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-api-reference.txt, "Batch requests": a limit per call in
+    """docs/pipelines-api.md, "Batch requests": a limit per call in
     the request; the oversized call is rejected by index, the others stored."""
     client = await gateway_client(server=LIMITS, storage=KEEP)
     big = msgspec.json.decode(padded(track("m-big"), MAX_EVENT + 200))
@@ -551,7 +551,7 @@ async def test_max_event_bytes_applies_to_each_call_of_a_batch(gateway_client: A
 
 
 async def test_batch_call_at_the_limit_is_accepted_like_a_single_call(gateway_client: Any, tmp_path: Path) -> None:
-    """seeds/pipelines-api-reference.txt: "32KB per call in the request": the
+    """docs/pipelines-api.md: "32KB per call in the request": the
     call as sent, the same measure as for a single call."""
     client = await gateway_client(server=LIMITS, storage=KEEP)
     call = padded({"userId": "u1", "event": "Clicked", "messageId": "alone"}, MAX_EVENT)
@@ -604,7 +604,7 @@ async def test_gzip_bomb_is_refused_without_inflating_it(gateway_process: Any, t
 # -- text/plain, paths ---------------------------------------------------------------------
 
 async def test_text_plain_bodies(gateway_client: Any, tmp_path: Path) -> None:
-    """DESIGN.md: text/plain bodies too (browsers' sendBeacon), key in the body."""
+    """README.md: text/plain bodies too (browsers' sendBeacon), key in the body."""
     client = await gateway_client(storage=KEEP)
     h = {"Content-Type": "text/plain;charset=UTF-8"}
     assert (await post(client, "/v1/track", {**GOOD, "writeKey": WRITE_KEY}, auth=False, headers=h))[:2] == (200, {})
@@ -622,7 +622,7 @@ async def test_text_plain_bodies(gateway_client: Any, tmp_path: Path) -> None:
     ("/v1/group", "group"), ("/v1/alias", "alias"),
 ])
 async def test_single_call_paths(gateway_client: Any, tmp_path: Path, path: str, type_: str) -> None:
-    """DESIGN.md, "HTTP API": the Pipelines paths and the browser short aliases,
+    """README.md, "HTTP API": the Pipelines paths and the browser short aliases,
     text/plain with the key in the body; the path gives the type."""
     client = await gateway_client(storage=KEEP)
     call = {"userId": "u1", **EXTRA[type_], "messageId": "x", "writeKey": WRITE_KEY}
@@ -636,7 +636,7 @@ async def test_single_call_paths(gateway_client: Any, tmp_path: Path, path: str,
 
 @pytest.mark.parametrize("path", ["/v1/batch", "/v1/import", "/v1/b"])
 async def test_batch_paths(gateway_client: Any, tmp_path: Path, path: str) -> None:
-    """seeds/pipelines-api-reference.txt, "Batch requests"; DESIGN.md: /v1/import
+    """docs/pipelines-api.md, "Batch requests"; README.md: /v1/import
     is a synonym of batch and /v1/b the browser alias."""
     client = await gateway_client(storage=KEEP)
     calls = [{"type": t, "userId": "u1", **EXTRA[t], "messageId": t} for t in EXTRA]
@@ -649,7 +649,7 @@ async def test_batch_paths(gateway_client: Any, tmp_path: Path, path: str) -> No
 
 
 async def test_unknown_paths_and_methods(gateway_client: Any, tmp_path: Path) -> None:
-    """Only the documented paths exist (DESIGN.md, "HTTP API")."""
+    """Only the documented paths exist (README.md, "HTTP API")."""
     client = await gateway_client(storage=KEEP)
     for path in ("/v1/xyz", "/v1/tracks", "/v2/track", "/v1/track/extra", "/track"):
         got, _, _ = await post(client, path, GOOD)
@@ -662,7 +662,7 @@ async def test_unknown_paths_and_methods(gateway_client: Any, tmp_path: Path) ->
 # -- health, readiness, overload ----------------------------------------------------------
 
 async def test_health_and_ready(gateway_client: Any) -> None:
-    """DESIGN.md: GET /health (alive), GET /ready (spool writable, config loaded)."""
+    """README.md: GET /health (alive), GET /ready (spool writable, config loaded)."""
     client = await gateway_client(storage=KEEP)
     resp = await client.get("/health")
     assert (resp.status, await resp.json()) == (200, {"status": "ok"})
@@ -671,7 +671,7 @@ async def test_health_and_ready(gateway_client: Any) -> None:
 
 
 async def test_ready_is_503_when_the_spool_is_full(gateway_client: Any, tmp_path: Path) -> None:
-    """DESIGN.md: /ready means the spool can take calls; a spool already
+    """README.md: /ready means the spool can take calls; a spool already
     holding storage.max_bytes (say, after max_bytes was lowered) is not ready,
     and calls get 503 + Retry-After in both modes."""
     spool = SqliteSpool(spool_path(tmp_path), 1 << 30)
@@ -693,7 +693,7 @@ async def test_ready_is_503_when_the_spool_is_full(gateway_client: Any, tmp_path
 @pytest.mark.parametrize("strict", [True, False], ids=["strict", "lax"])
 async def test_503_with_retry_after_when_max_bytes_is_exceeded(gateway_client: Any, tmp_path: Path,
                                                                strict: bool) -> None:
-    """DESIGN.md: "Overload (spool full, storage failing): 503 with Retry-After,
+    """README.md: "Overload (spool full, storage failing): 503 with Retry-After,
     in both modes ... Never a 200 for data that was not stored"."""
     client = await gateway_client(storage={**KEEP, "max_bytes": 600})
     assert (await post(client, "/v1/track", {**GOOD, "messageId": "fits"}, strict=strict))[:2] == (200, {})
@@ -717,7 +717,7 @@ async def test_503_with_retry_after_when_max_bytes_is_exceeded(gateway_client: A
 # -- metrics -----------------------------------------------------------------------------------
 
 async def test_metrics_count_requests_calls_and_the_spool(gateway_client: Any, tmp_path: Path) -> None:
-    """DESIGN.md: "every drop is counted in /metrics with its reason"; the spool
+    """README.md: "every drop is counted in /metrics with its reason"; the spool
     gauges and the commit latency histogram describe the spool file."""
     client = await gateway_client(storage=KEEP, sources=WEB_AND_APP)
     for i in range(3):
@@ -758,7 +758,7 @@ async def test_metrics_count_requests_calls_and_the_spool(gateway_client: Any, t
 # -- CORS ----------------------------------------------------------------------------------------
 
 async def test_cors_preflight_for_browser_sdks(gateway_client: Any) -> None:
-    """DESIGN.md: "CORS for browser SDKs, origins from the config; preflights
+    """README.md: "CORS for browser SDKs, origins from the config; preflights
     list authorization, content-type, x-retry-count explicitly"."""
     client = await gateway_client(server={"cors_origins": ["https://shop.example"]}, storage=KEEP)
     for path in ("/v1/batch", "/v1/t", "/v1/track", "/v1/import"):
@@ -779,7 +779,7 @@ async def test_cors_preflight_for_browser_sdks(gateway_client: Any) -> None:
 
 
 async def test_cors_allow_origin_on_responses_for_allowed_origins_only(gateway_client: Any, tmp_path: Path) -> None:
-    """DESIGN.md: origins from the config, per source (``sources[].cors_origins``)
+    """README.md: origins from the config, per source (``sources[].cors_origins``)
     falling back to ``server.cors_origins``."""
     client = await gateway_client(server={"cors_origins": ["https://shop.example"]}, storage=KEEP,
                                   sources=[{"name": "web", "write_keys": [WRITE_KEY]},

@@ -3,7 +3,7 @@
 Segment's (segment-analytics-python, ``segment.analytics``) and RudderStack's
 (rudder-sdk-python, ``rudderstack.analytics``).
 
-seeds/pipelines-api-reference.txt, "Overview": "In general, you'll consume
+docs/pipelines-api.md, "Overview": "In general, you'll consume
 this API through one of our source libraries ... our server packages"; the
 libraries send ``/v1/batch`` with Basic auth (the key as username, blank
 password, "Authentication & rate limits"), Customer.io's sends region keys
@@ -133,7 +133,7 @@ async def test_sdk_calls_reach_the_destination(gateway_client: Any, fake_destina
 async def test_segment_sdk_in_sync_mode_and_gzip(gateway_client: Any, fake_destination: FakeDestination,
                                                  no_proxy: None) -> None:
     """Segment's Client in ``sync_mode`` with ``gzip=True``: one blocking POST
-    per call, gzip-encoded (seeds/pipelines-vs-track-api.txt: content encodings)."""
+    per call, gzip-encoded (docs/pipelines-api.md: content encodings)."""
     from segment.analytics import Client
 
     client = await gateway_client(destinations=[{"name": "Hook", "type": "webhook",
@@ -156,7 +156,7 @@ async def test_segment_sdk_in_sync_mode_and_gzip(gateway_client: Any, fake_desti
 
 async def test_sdk_with_a_wrong_key_reports_nothing_stored(gateway_client: Any, fake_destination: FakeDestination,
                                                            tmp_path: Path, no_proxy: None) -> None:
-    """A wrong key on a lax source: 200 (seeds/pipelines-vs-track-api.txt, lax
+    """A wrong key on a lax source: 200 (docs/pipelines-api.md, lax
     mode), so the SDK sees no error, and nothing is stored or delivered."""
     from customerio.analytics import Client
 

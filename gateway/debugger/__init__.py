@@ -1,6 +1,6 @@
 """The debugger: a live view of what happens to calls and a status page per
 destination, served by the gateway itself under ``/debugger`` behind
-``server.admin`` (DESIGN.md, "Seeing what happens").
+``server.admin`` (README.md, "Seeing what happens").
 
 ``routes`` holds the HTTP side, ``stream`` the ``text/event-stream`` of the
 activity feed, ``status`` the destinations' status and dead letters,

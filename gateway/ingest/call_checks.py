@@ -1,6 +1,7 @@
 """Whether one call is a Pipelines call: the required fields by type and the
 shapes of the fields the gateway reads (docs/pipelines-api.md, "Required
-fields").  A forwarding destination runs the same checks before it sends."""
+fields by call type").  A forwarding destination runs the same checks before
+it sends."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def new_message_id() -> str:
 
 
 class Enricher:
-    """What the gateway adds to every call (docs/pipelines-api.md, "Enrichment").
+    """What the gateway adds to every call (docs/pipelines-api.md, "Enrichment and timestamps").
 
     Times are kept as integer milliseconds: a batch of a hundred calls then
     costs a hundred subtractions, not a hundred datetime round trips."""
