@@ -65,6 +65,16 @@ async def window(spool: Spool, destination: str, after: int, n: int) -> list[Rec
     return got
 
 
+async def due(spool: Spool, destination: str, n: int, what: str) -> list[Pending]:
+    """The destination's retries due now, once there are ``n`` (they come due
+    by the clock, and on a shared backend a moment after)."""
+    async def enough() -> list[Pending] | None:
+        got = await spool.due(destination, time.time(), 10)
+        return got if len(got) >= n else None
+
+    return await wait_until(enough, what=what, timeout=10, poll=0.05)
+
+
 async def test_append_then_deliver_in_order(backend: Backend) -> None:
     spool = backend.spool
     start = await spool.cursor("d")
@@ -129,10 +139,7 @@ async def test_a_per_item_failure_touches_only_that_call(backend: Backend) -> No
                         retry=[Pending(bad.seq, bad.data, bad.source, 1, now, now + 0.5, 503, "HTTP 503", "busy")]))
     assert await spool.due("d", now, 10) == [], "not before its delay"
 
-    async def due() -> list[Pending]:
-        return await spool.due("d", time.time(), 10)
-
-    [p] = await wait_until(due, what="the retry to come due after its delay", timeout=10, poll=0.1)
+    [p] = await due(spool, "d", 1, "the retry to come due after its delay")
     assert (p.seq, p.data, p.attempts, p.status, p.reason) == (bad.seq, b"bad", 1, 503, "HTTP 503")
     await spool.ack(Ack("d", done=[p.seq]))
     assert await spool.due("d", time.time() + 3600, 10) == []
@@ -149,13 +156,9 @@ async def test_retries_come_due_in_order_of_their_time(backend: Backend) -> None
     await spool.ack(Ack("d", cursor=y.seq, retry=[Pending(x.seq, b"x", "web", 1, now, now + 1.5, 503, "HTTP 503", ""),
                                                  Pending(y.seq, b"y", "web", 2, now, now, 500, "HTTP 500", "")]))
 
-    async def due(n: int) -> list[Pending] | None:
-        got = await spool.due("d", time.time(), 10)
-        return got if len(got) >= n else None
-
-    first = await wait_until(lambda: due(1), what="the retry due now", timeout=10, poll=0.05)
+    first = await due(spool, "d", 1, "the retry due now")
     assert [(p.seq, p.data, p.attempts) for p in first] == [(y.seq, b"y", 2)], "x is not due yet"
-    both = await wait_until(lambda: due(2), what="the later retry to come due too", timeout=10, poll=0.1)
+    both = await due(spool, "d", 2, "the later retry to come due too")
     assert [p.data for p in both] == [b"y", b"x"], "soonest first"
     assert await spool.due("other", time.time(), 10) == []
 
@@ -185,8 +188,5 @@ async def test_dead_letters_list_show_and_replay(backend: Backend) -> None:
     finally:
         await off_loop(None, letters.close)
 
-    async def replayed() -> list[Pending]:
-        return await spool.due("d", time.time() + 1, 10)
-
-    [p] = await wait_until(replayed, what="the replayed dead letter to come due", timeout=10, poll=0.1)
+    [p] = await due(spool, "d", 1, "the replayed dead letter to come due")
     assert (p.data, p.attempts) == (call, 0) and p.reason.startswith("replayed")

@@ -77,6 +77,12 @@ class Ingest:
         """The source a write key belongs to, if any (constant-time comparisons)."""
         return self.keys.source_for(key)
 
+    def client_ip(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
+        """The client's address: the peer's, or from X-Forwarded-For when the
+        peer is a trusted proxy (``server.trusted_proxies``)."""
+        proxies = self.proxies
+        return proxies.client_ip(peer, headers.get("X-Forwarded-For")) if proxies.any else peer
+
     def header_source(self, headers: Mapping[str, str]) -> SourceConfig | None:
         """The source named by the Authorization header alone (before a body is read)."""
         return self.keys.source_for(key_from_header(headers.get("Authorization")))
@@ -118,7 +124,7 @@ class Ingest:
                     "a write key is required (Authorization: Basic or Bearer, or writeKey in the body)"
                 raise RequestRejected(401, Rejection("auth", msg, "writeKey"))
         received_ms = round(now.timestamp() * 1000) if now else int(time.time() * 1000)
-        peer_ip = self.proxies.client_ip(peer, headers.get("X-Forwarded-For")) if self.proxies.any else peer
+        peer_ip = self.client_ip(peer, headers)
         if envelope is not None:
             enricher = Enricher(received_ms, peer_ip, envelope.context, envelope.integrations, envelope.sentAt)
         else:

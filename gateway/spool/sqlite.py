@@ -353,36 +353,38 @@ class SqliteSpool:
         now = time.time()
         rows: list[Row] = []
         ids: list[list[str | None]] = []
+        #: for each row: the appends it holds calls of, and the index of its first call among them
+        owners: list[tuple[_Pending, int]] = []
         deduplicating = any(p.has_ids for p in pending.values())
         for source, p in pending.items():
             for k, row in enumerate(segments(source, p.calls, now)):
                 rows.append(row)
+                owners.append((p, k * ROW_CALLS))
                 if deduplicating:
                     ids.append(p.ids[k * ROW_CALLS:(k + 1) * ROW_CALLS] if p.has_ids else [])
         window = self.dedup_window
         self.submit(lambda n: w.Insert(n, rows, ids, window)).add_done_callback(
-            functools.partial(self._settle, pending))
+            functools.partial(self._settle, pending, owners))
 
-    def _settle(self, pending: dict[str, "_Pending"], job: asyncio.Future[Any]) -> None:
+    def _settle(self, pending: dict[str, "_Pending"], owners: list[tuple["_Pending", int]],
+                job: asyncio.Future[Any]) -> None:
         """Answer every append of one flush, each with the indexes of its
         calls the writer left out as duplicates."""
         exc = StorageFailed("the spool closed before the calls were stored") if job.cancelled() else job.exception()
-        left_out: list[list[int]] = job.result()[1] if exc is None else []
-        row = 0
+        dups: dict[int, list[int]] = {}  # id of a _Pending -> indexes into its calls, in order
+        if exc is None:
+            for (p, first), left_out in zip(owners, job.result()[1]):
+                dups.setdefault(id(p), []).extend(first + i for i in left_out)
         for p in pending.values():
-            dups: list[int] = []  # indexes into p.calls
-            for k in range(0, max(1, -(-len(p.calls) // ROW_CALLS))):
-                if row < len(left_out):
-                    dups.extend(k * ROW_CALLS + i for i in left_out[row])
-                row += 1
+            mine = dups.get(id(p), [])
             for fut, start, count in p.waiters:
                 if fut.done():
                     continue
                 if exc is not None:
                     fut.set_exception(exc)
                 else:
-                    fut.set_result([i - start for i in dups[bisect.bisect_left(dups, start):
-                                                          bisect.bisect_left(dups, start + count)]])
+                    fut.set_result([i - start for i in mine[bisect.bisect_left(mine, start):
+                                                          bisect.bisect_left(mine, start + count)]])
 
     # -- delivery ---------------------------------------------------------
 

@@ -26,7 +26,6 @@ from gateway.config import SourceConfig
 from gateway.errors import RETRY_AFTER
 from gateway.http_body import read_body
 from gateway.ingest import BAD_JSON, BOM, Prepared
-from gateway.ingest.auth import ProxyTrust
 from gateway.ingest.call_checks import RequestRejected
 from gateway.spool import SpoolFull, StorageFailed
 from gateway.track_api import mapping
@@ -161,7 +160,6 @@ class TrackApi:
         self.intake = app[state.INTAKE]
         self.counters = app[state.COUNTERS]
         self.keys = TrackKeys(cfg.sources)
-        self.proxies = ProxyTrust(cfg.server.trusted_proxies)
         self.observed = observed
 
     def handler(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -207,9 +205,7 @@ class TrackApi:
         return body[3:] if body[:3] == BOM else body
 
     def _peer(self, request: web.Request) -> str | None:
-        proxies = self.proxies
-        return proxies.client_ip(request.remote, request.headers.get("X-Forwarded-For")) if proxies.any \
-            else request.remote
+        return self.ingest.client_ip(request.remote, request.headers)
 
     async def _prepare(self, source: SourceConfig, calls: list[mapping.Call], peer: str | None,
                        now: datetime) -> Prepared:
