@@ -13,7 +13,7 @@ import time
 from collections import deque
 from typing import Any
 
-import msgspec
+from gateway.events import summarize
 
 #: records a watcher holds before the oldest give way
 WATCHER_BUFFER = 2000
@@ -22,30 +22,6 @@ CALL_EXCERPT = 16_384
 FILTER_KEYS = ("source", "destination", "type", "event", "userId")
 #: records about ingest, which a ``destination`` filter lets through
 INGEST_KINDS = frozenset({"accepted", "rejected", "dropped"})
-
-
-class CallSummary(msgspec.Struct):
-    """The fields of a call a record names; the rest is skipped unparsed."""
-
-    type: Any = None
-    event: Any = None
-    messageId: Any = None
-    userId: Any = None
-    anonymousId: Any = None
-
-
-_summary = msgspec.json.Decoder(CallSummary)
-
-
-def summarize(data: bytes) -> dict[str, Any]:
-    """type, event, messageId and userId of a stored call."""
-    try:
-        s = _summary.decode(data)
-    except msgspec.DecodeError:
-        return {}
-    out = {"type": s.type, "event": s.event, "messageId": s.messageId,
-           "userId": s.userId if s.userId is not None else s.anonymousId}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 class Watcher:

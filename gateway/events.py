@@ -50,3 +50,27 @@ class BatchEnvelope(msgspec.Struct):
 batch_decoder: Final = msgspec.json.Decoder(BatchEnvelope)
 call_decoder: Final = msgspec.json.Decoder(dict[str, Any])
 encoder: Final = msgspec.json.Encoder()
+
+
+class CallSummary(msgspec.Struct):
+    """The fields of a call that say what it is; the rest is skipped unparsed."""
+
+    type: Any = None
+    event: Any = None
+    messageId: Any = None
+    userId: Any = None
+    anonymousId: Any = None
+
+
+_summary = msgspec.json.Decoder(CallSummary)
+
+
+def summarize(data: bytes) -> dict[str, Any]:
+    """type, event, messageId and userId of a stored call."""
+    try:
+        s = _summary.decode(data)
+    except msgspec.DecodeError:
+        return {}
+    out = {"type": s.type, "event": s.event, "messageId": s.messageId,
+           "userId": s.userId if s.userId is not None else s.anonymousId}
+    return {k: v for k, v in out.items() if v is not None}

@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Protocol
 
 import msgspec
 
+from gateway.events import summarize
+
 from gateway.spool.records import Ack, DeadLetter, Pending, Record
 
 
@@ -104,6 +106,13 @@ class ReplayFilter(msgspec.Struct, kw_only=True):
     source: str | None = None
     types: frozenset[str] = frozenset()
     events: frozenset[str] = frozenset()
+
+    def matches(self, call: bytes) -> bool:
+        """Whether a stored call has one of ``types`` and ``events`` (any, when empty)."""
+        if not (self.types or self.events):
+            return True
+        s = summarize(call)
+        return (not self.types or s.get("type") in self.types) and (not self.events or s.get("event") in self.events)
 
 
 class ReplayResult(msgspec.Struct):

@@ -18,7 +18,6 @@ from urllib.parse import unquote
 
 import msgspec
 
-from gateway.activity import summarize
 from gateway.config import StorageConfig
 from gateway.spool.interface import ReplayFilter, ReplayResult
 from gateway.spool.nats_js import (
@@ -213,10 +212,8 @@ class NatsArchive(_Command):
             for i, call in enumerate(calls):
                 pos = seq * SPAN + i
                 result.seen += 1
-                if f.types or f.events:
-                    s = summarize(call)
-                    if (f.types and s.get("type") not in f.types) or (f.events and s.get("event") not in f.events):
-                        continue
+                if not f.matches(call):
+                    continue
                 if pos > cursor:
                     result.not_yet_delivered += 1
                     continue

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from gateway.activity import summarize
 from gateway.spool.interface import ReplayFilter, ReplayResult
 from gateway.spool.records import Ack, Pending
 from gateway.spool.store import SPAN, apply_ack, connect_existing, rollback
@@ -64,12 +63,8 @@ class SqliteArchive:
             for i, call in enumerate(data.split(b"\n")):
                 pos = seq * SPAN + i
                 result.seen += 1
-                if f.types or f.events:
-                    summary = summarize(call)
-                    if f.types and summary.get("type") not in f.types:
-                        continue
-                    if f.events and summary.get("event") not in f.events:
-                        continue
+                if not f.matches(call):
+                    continue
                 if pos > cursor:
                     result.not_yet_delivered += 1
                     continue
