@@ -349,7 +349,11 @@ async def test_unreachable_cluster_fails_fast_and_the_spool_comes_back(tmp_path:
             c.wait_healthy()
             await eventually(lambda: _works(s.check_writable()), 20, "check_writable to work again")
             await s.append("web", [b"after"])
-            got = [r.data for r in await window(s, "d", 0, 2)]
+            async def through_after() -> list[bytes] | None:
+                got = [r.data for r in await s.window("d", 0, 100)]
+                return got if got[-1:] == [b"after"] else None
+
+            got = await eventually(through_after, 10, "the window to reach the call sent last")
             # "during" was answered with StorageFailed (a 503); it may still
             # have been stored (sent when the connection came back, like any
             # publish whose answer timed out), and then once (its Nats-Msg-Id).

@@ -102,11 +102,20 @@ class Puller:
             if not req.done.done():
                 req.done.set_result(None)
         self.requests.clear()
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection is closing anyway
-                pass
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        try:
+            if self.nc is not None and self.nc.is_connected:
+                # Messages the server handed to a waiting request before it
+                # saw the unsubscribe still arrive, and must reach on_msg so
+                # that the close hands them back: dropped here, they would
+                # wait out their ack wait before anyone else could have them.
+                await asyncio.wait_for(sub.drain(), POLL_TIMEOUT)
+            else:
+                await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection is closing anyway
+            pass
 
     def reset(self) -> None:
         """The connection came back: what was waiting on the server is gone."""
