@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
@@ -29,6 +29,9 @@ from gateway.metrics import Counters, registry_for, render
 from gateway.pixels import Pixels
 from gateway.plugins import build
 from gateway.spool import SpoolFull, StorageFailed, spool_for
+
+if TYPE_CHECKING:
+    from gateway.workers import Runtime, WorkerPool
 
 log = logging.getLogger("gateway")
 
@@ -61,6 +64,8 @@ class Handlers:
         self.proxies = ProxyTrust(self.cfg.server.trusted_proxies)
         self.intake = app[state.INTAKE]
         self.feed = app[state.ACTIVITY]
+        self.pool = app[state.WORKERS]
+        self.delivery = app[state.DELIVERY]
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -181,12 +186,20 @@ class Handlers:
                 await spool.check_writable()
         except (StorageFailed, asyncio.TimeoutError) as e:
             problems.append(f"spool not writable: {e or 'timed out'}")
+        if self.pool is not None:
+            problems += await self.pool.problems()
         if problems:
             return _json(503, {"status": "not ready", "problems": problems})
         return _json(200, {"status": "ready"})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=render(self.metrics_registry),
+        registry = self.metrics_registry
+        if self.pool is not None:  # every worker's ingest counters, added up
+            from gateway.workers import summed
+
+            total = summed(self.counters, await self.pool.counters())
+            registry = registry_for(total, self.spool, self.delivery.workers, self.pool)
+        return web.Response(body=render(registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -205,18 +218,38 @@ def setup_routes(app: web.Application, handlers: Handlers) -> None:
         r.add_route("OPTIONS", path, h.observed("OPTIONS", h.preflight))
     Pixels(app).add_routes(r, h.observed)
     r.add_get("/health", h.observed("/health", h.health))
+    runtime = app[state.INGEST_WORKER]
+    if runtime is not None:  # answered by the first worker, for every worker
+        from gateway.workers import PassToFirst
+
+        forward = PassToFirst(runtime)
+        app.on_cleanup.append(forward.close)
+        for path in ("/ready", "/metrics", "/debugger", "/debugger/{tail:.*}"):
+            r.add_route("*", path, forward)
+        return
     r.add_get("/ready", h.observed("/ready", h.ready))
     r.add_get("/metrics", h.observed("/metrics", h.metrics))
     setup_debugger_routes(app)
 
 
-def create_app(cfg: Config) -> web.Application:
+def create_app(cfg: Config, *, pool: "WorkerPool | None" = None,
+               ingest_worker: "Runtime | None" = None) -> web.Application:
     """Build the app for a config: plugin objects, the spool (opened at
     start) and the delivery workers are built here, once, each with what it
-    needs, so a config error fails before the server binds its port."""
+    needs, so a config error fails before the server binds its port.
+
+    ``gateway serve --workers N`` (gateway/workers.py): the first worker
+    has the ``pool`` of the others; an ``ingest_worker`` stores calls and
+    leaves delivery, /metrics, /ready and the debugger to the first."""
     built = build(cfg)
     counters = Counters()
-    spool = spool_for(cfg.storage, counters.commit, cfg.destinations)
+    sqlite = cfg.storage.backend == "sqlite"
+    if ingest_worker is not None:
+        spool = spool_for(cfg.storage, counters.commit, (),
+                          writer_address=ingest_worker.writer if sqlite else None)
+    else:
+        spool = spool_for(cfg.storage, counters.commit, cfg.destinations,
+                          listener=pool.writer_listener() if pool is not None and sqlite else None)
     feed = ActivityFeed()
     delivery = Delivery(spool, built, cfg.storage.retention, feed)
     app = web.Application(client_max_size=cfg.server.max_batch_bytes + 1)
@@ -227,9 +260,11 @@ def create_app(cfg: Config) -> web.Application:
     app[state.SPOOL] = spool
     app[state.DELIVERY] = delivery
     app[state.ACTIVITY] = feed
+    app[state.WORKERS] = pool
+    app[state.INGEST_WORKER] = ingest_worker
     app[state.INGEST_SHARE] = share = IngestShare(contended=delivery.behind)
     app[state.INTAKE] = Intake(share, spool, counters, feed)
-    app[state.METRICS] = registry_for(counters, spool, delivery.workers)
+    app[state.METRICS] = registry_for(counters, spool, delivery.workers, pool)
     handlers = Handlers(app)
     setup_routes(app, handlers)
     if any(s.kind == "track_api" for s in cfg.sources):
@@ -249,6 +284,13 @@ async def _call_hook(results: list[object]) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     cfg, built, spool, delivery = app[state.CONFIG], app[state.BUILT], app[state.SPOOL], app[state.DELIVERY]
     await spool.open()
+    if app[state.INGEST_WORKER] is not None:  # it only stores: the first worker delivers
+        try:
+            yield
+        finally:
+            await built.http.close()
+            await spool.close()
+        return
     try:
         await _call_hook(built.pm.hook.startup(app=app))
         delivery.start()

@@ -8,12 +8,13 @@ the command line is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import msgspec
 
@@ -21,9 +22,12 @@ from gateway import config as config_mod
 from gateway.config import Config, ConfigError
 
 if TYPE_CHECKING:
+    import asyncio
     import ssl
 
     from aiohttp import web
+
+    from gateway.workers import WorkerPool
 
 _pretty = msgspec.json.format
 
@@ -41,7 +45,7 @@ def version() -> str:
         return "0+unknown"
 
 
-def banner(cfg: Config, host: str, port: int) -> str:
+def banner(cfg: Config, host: str, port: int, workers: int = 1) -> str:
     """What ``gateway serve`` serves, on one screen."""
     from gateway.cli_output import mask_key
     from gateway.config import strict_for
@@ -51,7 +55,8 @@ def banner(cfg: Config, host: str, port: int) -> str:
     scheme = "https" if tls else "http"
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"{scheme}://{shown_host}:{port}"
-    lines = [f"gateway {version()}: listening on {scheme}://{host}:{port}"]
+    lines = [f"gateway {version()}: listening on {scheme}://{host}:{port}"
+             + (f" ({workers} worker processes)" if workers > 1 else "")]
     lines.append("  sources:")
     width = max((len(s.name) for s in cfg.sources), default=0)
     first_key = None
@@ -93,8 +98,30 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(_pretty(msgspec.json.encode(obj), indent=2).decode() + "\n")
 
 
+def server_runner(app: "web.Application", cfg: Config) -> "web.AppRunner":
+    from aiohttp import web
+
+    # lingering_time=0: a body refused before it was read is not drained.
+    return web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, lingering_time=0,
+                         access_log=logging.getLogger("aiohttp.access") if cfg.server.access_log else None)
+
+
+@contextlib.contextmanager
+def event_loop_runner() -> Iterator["asyncio.Runner"]:
+    """uvloop's event loop where the [fast] extra installed it, else asyncio's."""
+    import asyncio
+
+    try:
+        import uvloop
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        yield runner
+
+
 async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quiet: bool = False,
-                 ssl_context: "ssl.SSLContext | None" = None) -> None:
+                 ssl_context: "ssl.SSLContext | None" = None, pool: "WorkerPool | None" = None) -> None:
     import asyncio
     import signal
 
@@ -104,50 +131,68 @@ async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quie
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # lingering_time=0: a body refused before it was read is not drained.
-    runner = web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, lingering_time=0,
-                           access_log=logging.getLogger("aiohttp.access") if cfg.server.access_log else None)
+    runner = server_runner(app, cfg)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True, ssl_context=ssl_context,
+                           reuse_port=pool is not None)
         await site.start()
+        if pool is not None:
+            await web.UnixSite(runner, pool.runtime.first).start()
+            pool.start()
         if not quiet:
-            print(banner(cfg, host, port), flush=True)
+            print(banner(cfg, host, port, pool.n if pool is not None else 1), flush=True)
         await stop.wait()
         if not quiet:
             print("gateway: stopping: no new connections; finishing requests and sends", flush=True)
+        if pool is not None:
+            # Every worker drains while this one still answers and still commits.
+            await pool.stop(cfg.server.shutdown_timeout + 10)
     finally:
+        if pool is not None:
+            await pool.stop(cfg.server.shutdown_timeout + 10)
         await runner.cleanup()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
     from gateway.app import create_app
+    from gateway.spool import StorageFailed
+    from gateway.tls import server_ssl_context
+    from gateway.workers import Runtime, WorkerPool
 
     cfg = _load(args.config)
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
-    from gateway.tls import server_ssl_context
-
+    if args.workers < 1:
+        print("gateway: --workers must be 1 or more", file=sys.stderr)
+        return 2
     ssl_context = server_ssl_context(cfg)  # a ConfigError naming server.tls before the port is bound
-    app = create_app(cfg)
+    runtime = Runtime.create() if args.workers > 1 else None
     try:
-        import uvloop  # optional: the [fast] extra
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    from gateway.spool import StorageFailed
-
-    with runner:
-        try:
-            runner.run(_serve(app, host, port, cfg, args.quiet, ssl_context))
-        except (OSError, StorageFailed) as e:  # the port is taken, the spool cannot be opened
-            print(f"gateway: cannot start: {e}", file=sys.stderr, flush=True)
-            return 1
+        if runtime is not None and port == 0:
+            port = _free_port(host)  # every worker must bind the same port
+        pool = WorkerPool(args.workers, args.config, host, port, runtime) if runtime is not None else None
+        app = create_app(cfg, pool=pool)
+        with event_loop_runner() as runner:
+            try:
+                runner.run(_serve(app, host, port, cfg, args.quiet, ssl_context, pool))
+            except (OSError, StorageFailed) as e:  # the port is taken, the spool cannot be opened
+                print(f"gateway: cannot start: {e}", file=sys.stderr, flush=True)
+                return 1
+    finally:
+        if runtime is not None:
+            runtime.remove()
     if not args.quiet:
         print("gateway: stopped", flush=True)
     return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -404,6 +449,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--quiet", action="store_true", help="print nothing but errors (for scripts)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes on the port (SO_REUSEPORT), one a core at most (default: 1)")
     s.set_defaults(func=cmd_serve)
     c = with_config(sub.add_parser("check", help="validate the config and list what it uses"))
     c.set_defaults(func=cmd_check)

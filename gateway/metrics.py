@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 if TYPE_CHECKING:
     from gateway.delivery import Worker
     from gateway.spool import Spool
+    from gateway.workers import WorkerPool
 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -33,6 +34,8 @@ class Counters:
         self.sdk_metrics = 0
         self.commits = [0] * (len(COMMIT_BUCKETS) + 1)
         self.commit_sum = 0.0
+        #: gateway serve --workers: HTTP requests answered by each worker (filled at a scrape)
+        self.by_worker: dict[str, int] = {}
 
     def request(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)
@@ -47,10 +50,12 @@ class Counters:
 
 
 class GatewayCollector:
-    def __init__(self, counters: Counters, spool: "Spool", workers: list["Worker"]) -> None:
+    def __init__(self, counters: Counters, spool: "Spool", workers: list["Worker"],
+                 pool: "WorkerPool | None" = None) -> None:
         self.c = counters
         self.spool = spool
         self.workers = workers
+        self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
         c = self.c
@@ -133,14 +138,26 @@ class GatewayCollector:
             paused.add_metric([w.name], 1 if s.paused else 0)
         yield from per.values()
         yield from (dead, skipped, reqs, backlog, retry_backlog, oldest, paused)
+        pool = self.pool
+        yield GaugeMetricFamily("gateway_server_workers", "Server processes that answered this scrape "
+                                "(gateway serve --workers)", value=len(c.by_worker) or 1)
+        if pool is not None:
+            m = CounterMetricFamily("gateway_server_worker_requests", "HTTP requests answered, by worker "
+                                    "process (0: the first)", labels=["worker"])
+            for k, n in sorted(c.by_worker.items()):
+                m.add_metric([k], n)
+            yield m
+            yield CounterMetricFamily("gateway_server_worker_restarts", "Worker processes that died and were "
+                                      "started again", value=pool.restarts)
         extra = getattr(self.spool, "collect_extra", None)  # a backend's own series (NATS)
         if extra is not None:
             yield from extra()
 
 
-def registry_for(counters: Counters, spool: "Spool", workers: list["Worker"]) -> CollectorRegistry:
+def registry_for(counters: Counters, spool: "Spool", workers: list["Worker"],
+                 pool: "WorkerPool | None" = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(GatewayCollector(counters, spool, workers))  # type: ignore[arg-type]
+    reg.register(GatewayCollector(counters, spool, workers, pool))  # type: ignore[arg-type]
     return reg
 
 

@@ -517,9 +517,11 @@ class GatewayProcess:
     """``gateway serve`` in a child process on 127.0.0.1:``port``; its
     output goes to ``log``."""
 
-    def __init__(self, config_path: Path, port: int, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, port: int, env: Mapping[str, str] | None = None,
+                 args: Sequence[str] = ()) -> None:
         self.config_path = config_path
         self.port = port
+        self.args = list(args)  # more options of gateway serve (--workers N)
         self.url = f"http://127.0.0.1:{port}"
         self.env = child_env(env=env)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -533,7 +535,7 @@ class GatewayProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-                 "--port", str(self.port)],
+                 "--port", str(self.port), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.config_path.parent)
         proc = self.proc
 
@@ -576,15 +578,16 @@ class GatewayProcess:
 def gateway_process(tmp_path: Path) -> Iterator[Callable[..., Awaitable[GatewayProcess]]]:
     """``await gateway_process(**config)``: a real ``gateway serve`` of
     ``gateway_config(tmp_path, **config)`` (written to ``tmp_path/config.yaml``),
-    on ``port=`` or a free one, with ``env=`` added to its environment; killed
-    at teardown.  Called again, it starts another on the same spool."""
+    on ``port=`` or a free one, with ``env=`` added to its environment and
+    ``args=`` to its command line; killed at teardown.  Called again, it
+    starts another on the same spool."""
     started: list[GatewayProcess] = []
 
     async def start(yaml_text: str = "", /, *, port: int | None = None, env: Mapping[str, str] | None = None,
-                    **config: Any) -> GatewayProcess:
+                    args: Sequence[str] = (), **config: Any) -> GatewayProcess:
         path = tmp_path / "config.yaml"
         path.write_text(gateway_config(tmp_path, yaml_text, **config))
-        process = GatewayProcess(path, port or free_port(), env)
+        process = GatewayProcess(path, port or free_port(), env, args)
         started.append(process)
         return await process.start()
 

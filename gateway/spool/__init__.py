@@ -12,19 +12,26 @@ dead letters and replays).  nats-py is imported only by that backend.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from gateway.config import DestinationConfig, StorageConfig
 from gateway.spool.interface import CallArchive, DeadLetterStore, ReplayFilter, ReplayResult, Spool
 from gateway.spool.records import Ack, DeadLetter, Pending, Record, SpoolFull, StorageFailed
 
+if TYPE_CHECKING:
+    import socket
+
 
 def spool_for(storage: StorageConfig, on_commit: Callable[[float], None] = lambda seconds: None,
-              destinations: Sequence[DestinationConfig] = ()) -> Spool:
+              destinations: Sequence[DestinationConfig] = (), *, listener: "socket.socket | None" = None,
+              writer_address: str | None = None) -> Spool:
     """The configured backend, not yet opened (``await spool.open()``);
     ``on_commit`` hears each group commit's duration in seconds.  NATS
     creates the ``destinations``' consumers when it opens, before the
-    server takes calls."""
+    server takes calls.
+
+    ``gateway serve --workers``, on SQLite: the first worker's writer also
+    accepts the other workers on ``listener``; they reach it at ``writer_address``."""
     if storage.backend == "nats":
         from gateway.spool.nats import NatsSpool
 
@@ -32,7 +39,7 @@ def spool_for(storage: StorageConfig, on_commit: Callable[[float], None] = lambd
     from gateway.spool.sqlite import SqliteSpool
 
     return SqliteSpool(storage.path, int(storage.max_bytes), on_commit, float(storage.dedup_window),
-                       int(storage.min_free_bytes))
+                       int(storage.min_free_bytes), listener, writer_address)
 
 
 def open_dead_letters(storage: StorageConfig) -> DeadLetterStore:

@@ -101,13 +101,15 @@ class SqliteSpool:
 
     def __init__(self, path: str | Path, max_bytes: int,
                  on_commit: Callable[[float], None] = lambda seconds: None, dedup_window: float = 0.0,
-                 min_free_bytes: int = -1) -> None:
+                 min_free_bytes: int = -1, listener: socket.socket | None = None,
+                 writer_address: str | None = None) -> None:
         self.dir = Path(path)
         self.file = self.dir / FILE
         self.max_bytes = max_bytes
         #: bytes of stored calls and their separators (a row's length + 1),
         #: pending appends included
         self.bytes = 0
+        self._inflight = 0  # bytes of appends sent and not answered yet
         self.rows = 0  # calls stored
         self.last_seq = 0
         #: called with each group commit's duration (metrics)
@@ -132,6 +134,11 @@ class SqliteSpool:
         #: appends of this turn of the loop, by source, sent together at its end
         self._pending: dict[str, _Pending] = {}
         self._flush_queued = False
+        #: ``gateway serve --workers N``: the first worker's writer also
+        #: accepts on ``listener``; the others connect to ``writer_address``
+        #: instead of starting a writer of their own
+        self._listener = listener
+        self._writer_address = writer_address
 
     @property
     def writer_pid(self) -> int | None:
@@ -168,13 +175,17 @@ class SqliteSpool:
         return self.room.reserve
 
     async def _start_writer(self) -> None:
+        if self._writer_address is not None:
+            await self._connect_writer(self._writer_address)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno()] + ([self._listener.fileno()] if self._listener is not None else [])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.spool.writer", str(theirs.fileno()), str(self.file)],
-                pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "gateway.spool.writer", str(theirs.fileno()), str(self.file),
+                 *map(str, fds[1:])], pass_fds=fds, env=env, stdin=subprocess.DEVNULL)
         except OSError:
             ours.close()
             raise
@@ -195,7 +206,27 @@ class SqliteSpool:
             await self._reap(proc)
             raise
         self._proc = proc
-        self.rows, self.bytes = opened.rows, opened.bytes
+        self._opened(link, opened)
+
+    async def _connect_writer(self, address: str) -> None:
+        """Use the writer another worker started (``gateway serve --workers``)."""
+        assert self._loop is not None
+        link: _Link | None = None
+        try:
+            _, link = await self._loop.create_unix_connection(lambda: _Link(self), path=address)
+            opened = await asyncio.wait_for(asyncio.shield(link.opened), OPEN_TIMEOUT)
+            if opened.error:
+                raise StorageFailed(opened.error)
+        except OSError as e:
+            raise StorageFailed(f"cannot reach the spool writer at {address}: {e}") from None
+        except BaseException:
+            if link is not None and link.transport is not None:
+                link.transport.close()
+            raise
+        self._opened(link, opened)
+
+    def _opened(self, link: _Link, opened: w.Opened) -> None:
+        self.rows, self.bytes = opened.rows, opened.bytes + self._inflight
         self.last_seq = max(self.last_seq, opened.last)
         self._link = link
 
@@ -288,6 +319,7 @@ class SqliteSpool:
 
     def _committed(self, group: w.Committed) -> None:
         self.on_commit(group.seconds)
+        self.rows, self.bytes = group.rows, group.bytes + self._inflight
         for reply in group.replies:
             fut = self._waiting.pop(reply.id, None)
             if fut is None or fut.done():
@@ -334,15 +366,14 @@ class SqliteSpool:
             self._flush_queued = True
             self._loop.call_soon(self._flush)
         self.bytes += size
+        self._inflight += size
         self.room.took(size)
         try:
             left_out = await waiter
-        except BaseException:
+        finally:
+            # The answer's totals (set before this resumes) count what was stored.
+            self._inflight -= size
             self.bytes -= size
-            raise
-        if left_out:
-            self.bytes -= sum(len(rows[i]) + 1 for i in left_out)
-        self.rows += len(rows) - len(left_out)
         return len(left_out)
 
     def _flush(self) -> None:
@@ -449,9 +480,7 @@ class SqliteSpool:
         removed, more = 0, True
         while more:
             n, size, more = await self.submit(lambda i: w.Purge(i, destinations, retention))
-            self.bytes -= size
-            self.rows -= n
-            removed += n
+            removed += n  # the answer's totals count it
         if self.dedup_window > 0:
             while await self.submit(lambda i: w.PurgeIds(i, self.dedup_window)) >= PURGE_IDS:
                 pass

@@ -12,11 +12,16 @@ commits once (group commit), then answers them all in one write.  It stops
 when the server closes the socket (or dies: the socket closes with it), after
 answering what it has read; SIGINT and SIGTERM are the server's to handle.
 
-    python -m gateway.spool.writer FD PATH
+With ``gateway serve --workers N`` the server also hands it a listening
+socket: the other workers connect there, and their appends join the same
+groups (one commit for the calls of every worker).
+
+    python -m gateway.spool.writer FD PATH [LISTEN_FD]
 """
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import sqlite3
@@ -31,7 +36,7 @@ import msgspec
 
 from gateway.spool.records import Ack
 from gateway.spool.store import (
-    Row, apply_ack, claim_ids, connect, cursor_of, insert, purge_ids, purge_step, rollback, totals,
+    END, Row, apply_ack, claim_ids, connect, cursor_of, insert, purge_ids, purge_step, rollback, totals,
 )
 
 HEADER = struct.Struct("<I")
@@ -85,12 +90,15 @@ class Reply(msgspec.Struct, array_like=True):
 
 
 class Committed(msgspec.Struct, array_like=True):
-    """The answers to one group, how long its transaction took, and the
-    newest position its inserts wrote (0 when none did)."""
+    """The answers to one group, how long its transaction took, the
+    newest position its inserts wrote (0 when none did), and the calls and
+    bytes the spool holds after it (every worker's appends and purges)."""
 
     seconds: float
     replies: list[Reply]
     last: int
+    rows: int = 0
+    bytes: int = 0
 
 
 class Opened(msgspec.Struct, array_like=True):
@@ -137,7 +145,7 @@ class Frames:
         return out
 
 
-def _insert_new(conn: sqlite3.Connection, req: Insert) -> tuple[int, list[list[int]]]:
+def _insert_new(conn: sqlite3.Connection, req: Insert) -> tuple[tuple[int, list[list[int]]], list[Row]]:
     """Insert rows without the calls whose messageId is already stored."""
     now = time.time()
     rows: list[Row] = []
@@ -151,31 +159,35 @@ def _insert_new(conn: sqlite3.Connection, req: Insert) -> tuple[int, list[list[i
             skip = set(dups)
             calls = [c for i, c in enumerate(row[3].split(b"\n")) if i not in skip]
             rows.append((row[0], row[1], len(calls), b"\n".join(calls)))
-    return (insert(conn, rows) if rows else 0), left_out
+    return ((insert(conn, rows) if rows else 0), left_out), rows
 
 
-def run(conn: sqlite3.Connection, req: Request) -> Any:
+def run(conn: sqlite3.Connection, req: Request) -> tuple[Any, int, int]:
+    """A request's result, and the calls and bytes it added to the spool (negative: removed)."""
     if isinstance(req, Insert):
         if req.ids:
-            return _insert_new(conn, req)
-        return insert(conn, req.rows), []
+            result, rows = _insert_new(conn, req)
+        else:
+            result, rows = (insert(conn, req.rows), []), req.rows
+        return result, sum(r[2] for r in rows), sum(len(r[3]) + 1 for r in rows)
     if isinstance(req, PurgeIds):
-        return purge_ids(conn, req.window)
+        return purge_ids(conn, req.window), 0, 0
     if isinstance(req, Cursor):
-        return cursor_of(conn, req.destination)
+        return cursor_of(conn, req.destination), 0, 0
     if isinstance(req, Acked):
-        return apply_ack(conn, req.ack)
+        return apply_ack(conn, req.ack), 0, 0
     if isinstance(req, Purge):
-        return purge_step(conn, req.destinations, req.retention)
+        n, size, more = purge_step(conn, req.destinations, req.retention)
+        return (n, size, more), -n, -size
     conn.execute("SELECT 1").fetchone()
-    return None
+    return None, 0, 0
 
 
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _transaction(conn: sqlite3.Connection, reqs: list[Request]) -> list[Any]:
+def _transaction(conn: sqlite3.Connection, reqs: list[Request]) -> list[tuple[Any, int, int]]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         results = [run(conn, r) for r in reqs]
@@ -186,12 +198,24 @@ def _transaction(conn: sqlite3.Connection, reqs: list[Request]) -> list[Any]:
     return results
 
 
-def run_group(conn: sqlite3.Connection, reqs: list[Request]) -> Committed:
+class Totals:
+    """What the spool holds, kept by the writer from its commits."""
+
+    def __init__(self, rows: int, size: int) -> None:
+        self.rows, self.bytes = rows, size
+
+    def add(self, result: tuple[Any, int, int]) -> Any:
+        self.rows += result[1]
+        self.bytes += result[2]
+        return result[0]
+
+
+def run_group(conn: sqlite3.Connection, reqs: list[Request], totals: Totals) -> Committed:
     """One transaction for all; if it fails, each on its own, so one bad
     request does not fail its neighbours."""
     started = time.perf_counter()
     try:
-        replies = [Reply(r.id, None, res) for r, res in zip(reqs, _transaction(conn, reqs))]
+        replies = [Reply(r.id, None, totals.add(res)) for r, res in zip(reqs, _transaction(conn, reqs))]
     except Exception as exc:  # noqa: BLE001 - any storage error is the server's 503, never a 200
         if len(reqs) == 1:
             replies = [Reply(reqs[0].id, _why(exc), None)]
@@ -199,12 +223,12 @@ def run_group(conn: sqlite3.Connection, reqs: list[Request]) -> Committed:
             replies = []
             for r in reqs:
                 try:
-                    replies.append(Reply(r.id, None, _transaction(conn, [r])[0]))
+                    replies.append(Reply(r.id, None, totals.add(_transaction(conn, [r])[0])))
                 except Exception as e:  # noqa: BLE001
                     replies.append(Reply(r.id, _why(e), None))
     last = max((rep.result[0] for r, rep in zip(reqs, replies) if isinstance(r, Insert) and rep.error is None),
                default=0)
-    return Committed(time.perf_counter() - started, replies, last)
+    return Committed(time.perf_counter() - started, replies, last, totals.rows, totals.bytes)
 
 
 def _checkpoints(file: Path, stop: threading.Event) -> None:
@@ -229,7 +253,22 @@ def _checkpoints(file: Path, stop: threading.Event) -> None:
         conn.close()
 
 
-def serve(sock: socket.socket, file: Path) -> None:
+class _Peer:
+    """One connected server process: its socket and what it sent so far."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.frames = Frames(Request)
+        self.eof = False
+
+    def take(self, data: bytes) -> list[Request]:
+        self.eof = self.eof or not data
+        return self.frames.feed(data) if data else []
+
+
+def serve(sock: socket.socket, file: Path, listener: socket.socket | None = None) -> None:
+    """Serve the server on ``sock`` (and, with a ``listener``, every other
+    worker that connects) until the server's socket closes."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(file)
@@ -238,40 +277,95 @@ def serve(sock: socket.socket, file: Path) -> None:
     except (OSError, sqlite3.Error) as e:
         sock.sendall(frame(Opened(error=f"cannot open the spool at {file}: {e}")))
         return
+    kept = Totals(rows, size)
     sock.sendall(frame(Opened(None, rows, size, last)))
     stop = threading.Event()
     checkpointer = threading.Thread(target=_checkpoints, args=(file, stop), name="spool-checkpoint", daemon=True)
     checkpointer.start()
-    frames = Frames(Request)
+    server = _Peer(sock)
+    peers = {sock.fileno(): server}
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if listener is not None:
+        poller.register(listener, select.POLLIN)
     try:
-        eof = False
-        while not eof:
-            data = sock.recv(RECV)
-            eof = not data
-            reqs = frames.feed(data)
-            while not eof:  # and whatever else came while the last group ran
+        while not server.eof:
+            got: list[tuple[_Peer, list[Request]]] = []
+            for fd, _ in poller.poll():
+                if listener is not None and fd == listener.fileno():
+                    _welcome(listener, conn, kept, peers, poller)
+                    continue
+                peer = peers[fd]
                 try:
-                    more = sock.recv(RECV, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                eof = not more
-                reqs += frames.feed(more)
-            if reqs:
-                sock.sendall(frame(run_group(conn, reqs)))
+                    reqs = peer.take(peer.sock.recv(RECV))
+                except (ConnectionResetError, OSError):
+                    peer.eof, reqs = True, []
+                while not peer.eof:  # and whatever else came while the last group ran
+                    try:
+                        reqs += peer.take(peer.sock.recv(RECV, socket.MSG_DONTWAIT))
+                    except BlockingIOError:
+                        break
+                    except (ConnectionResetError, OSError):
+                        peer.eof = True
+                if reqs:
+                    got.append((peer, reqs))
+            if got:
+                group = run_group(conn, [r for _, reqs in got for r in reqs], kept)
+                at = 0
+                for peer, reqs in got:
+                    mine = Committed(group.seconds, group.replies[at:at + len(reqs)], group.last,
+                                     group.rows, group.bytes)
+                    at += len(reqs)
+                    try:
+                        peer.sock.sendall(frame(mine))
+                    except OSError:
+                        if peer is server:
+                            raise
+                        peer.eof = True  # a worker that died: what it asked is committed anyway
+                if all(peer is not server for peer, _ in got):
+                    # The server delivers: it hears of every commit, its own or not.
+                    sock.sendall(frame(Committed(group.seconds, [], group.last, group.rows, group.bytes)))
+            for fd, peer in list(peers.items()):
+                if peer.eof and peer is not server:
+                    poller.unregister(fd)
+                    peer.sock.close()
+                    del peers[fd]
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server is gone; what was committed stays
     finally:
         stop.set()
         checkpointer.join()
+        for peer in peers.values():
+            if peer is not server:
+                peer.sock.close()
         conn.close()
+
+
+def _welcome(listener: socket.socket, conn: sqlite3.Connection, kept: Totals,
+             peers: dict[int, _Peer], poller: select.poll) -> None:
+    """A worker connects: tell it what the spool holds, then serve it too."""
+    try:
+        sock, _ = listener.accept()
+    except OSError:
+        return
+    try:
+        sock.sendall(frame(Opened(None, kept.rows, kept.bytes, int(conn.execute(END).fetchone()[0]))))
+    except OSError:
+        sock.close()
+        return
+    peers[sock.fileno()] = _Peer(sock)
+    poller.register(sock, select.POLLIN)
 
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd, path = int(argv[0]), Path(argv[1])
+    listener = socket.socket(fileno=int(argv[2])) if len(argv) > 2 else None
     with socket.socket(fileno=fd) as sock:
-        serve(sock, path)
+        serve(sock, path, listener)
+    if listener is not None:
+        listener.close()
     return 0
 
 
