@@ -1,7 +1,7 @@
 """Ingest benchmark (issue 2): the gateway against a bare aiohttp handler that
 only decodes the body with msgspec, same machine, same load, one run.
 
-    python bench/run.py [--duration 10] [--connections 32] [--threads 1] [--dedup-window 0]
+    python bench/run.py [--duration 10] [--connections 32] [--threads 1] [--dedup-window 0] [--workers N]
 
 Prints requests/s, events/s and latency for both, the ratios against the
 targets, and checks that every call the gateway answered 200 was delivered
@@ -32,6 +32,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the spool and logs (printed at the end)")
     ap.add_argument("--dedup-window", help="storage.dedup_window of the gateway (default: the config's, 24h; "
                     "0 turns deduplication off, to see what it costs)")
+    ap.add_argument("--workers", type=int, default=1, help="gateway serve --workers N (default: 1)")
     a = ap.parse_args()
     with scratch("gateway-bench-", a.keep) as tmp:
         return measure(a, tmp)
@@ -57,7 +58,8 @@ def measure(a: argparse.Namespace, tmp: Path) -> int:
     type: file
     settings: {{path: {archive}}}""", a.dedup_window)
     port = free_port()
-    gw = Proc([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(port)], port,
+    gw = Proc([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--port", str(port),
+               "--workers", str(a.workers)], port,
               tmp / "gateway.log", cwd=tmp)
     try:
         warm = run_wrk(f"http://127.0.0.1:{port}", single, 2, a.connections, a.threads)
@@ -90,7 +92,7 @@ def measure(a: argparse.Namespace, tmp: Path) -> int:
     dedup = "24h (default)" if a.dedup_window is None else a.dedup_window
     print(f"\nload: wrk -t{a.threads} -c{a.connections} -d{a.duration}s on 127.0.0.1, {cores} cores shared "
           f"by wrk and the server; gateway: default config (SQLite spool fsync'd, file destination), "
-          f"dedup window {dedup}, a new messageId in every call")
+          f"dedup window {dedup}, a new messageId in every call, {a.workers} worker process(es)")
     print(f"{'':34} {'bare':>12} {'gateway':>12} {'ratio':>7}  target")
     for name, b, g, ratio, target in rows:
         r = f"{ratio:7.2f}" if ratio is not None else " " * 7

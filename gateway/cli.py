@@ -132,13 +132,20 @@ async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quie
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = server_runner(app, cfg)
+    control: web.AppRunner | None = None
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, backlog=2048, reuse_address=True, ssl_context=ssl_context,
                            reuse_port=pool is not None)
         await site.start()
         if pool is not None:
+            from gateway import app_state as state
+            from gateway.workers import first_control_app
+
             await web.UnixSite(runner, pool.runtime.first).start()
+            control = web.AppRunner(first_control_app(app[state.ACTIVITY]), access_log=None)
+            await control.setup()
+            await web.UnixSite(control, pool.runtime.first_control).start()
             pool.start()
         if not quiet:
             print(banner(cfg, host, port, pool.n if pool is not None else 1), flush=True)
@@ -152,6 +159,8 @@ async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quie
         if pool is not None:
             await pool.stop(cfg.server.shutdown_timeout + 10)
         await runner.cleanup()
+        if control is not None:
+            await control.cleanup()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -43,10 +43,12 @@ from gateway.errors import error_body
 from gateway.metrics import Counters
 
 if TYPE_CHECKING:
+    from gateway.activity import ActivityFeed
     from gateway.config import Config
 
 log = logging.getLogger("gateway.workers")
 
+RELAY_EVERY = 1.0  # seconds between an ingest worker's looks at whether the debugger is watched
 RESTART_AFTER = (0.2, 1.0, 5.0)  # seconds before starting a worker that died again, by try
 ASK_TIMEOUT = 2.0  # seconds a worker has to answer the first one (counters, readiness)
 #: the paths an ingest worker passes on to the first worker
@@ -77,6 +79,10 @@ class Runtime:
     @property
     def first(self) -> str:
         return str(self.path / "first.sock")
+
+    @property
+    def first_control(self) -> str:
+        return str(self.path / "first-control.sock")
 
     def worker(self, index: int) -> str:
         return str(self.path / f"worker-{index}.sock")
@@ -224,6 +230,62 @@ class WorkerPool:
         return [p for p in await asyncio.gather(*(one(i) for i in self.procs)) if p]
 
 
+def first_control_app(feed: "ActivityFeed") -> web.Application:
+    """What the ingest workers ask the first one, on its private socket:
+    whether the debugger is watched, and the records of what they did."""
+    async def watching(request: web.Request) -> web.Response:
+        return web.Response(text="1" if feed.watched else "0")
+
+    async def activity(request: web.Request) -> web.Response:
+        for record in _records_decoder.decode(await request.read()):
+            for w in feed.watchers:
+                w.offer(record)
+        return web.Response(text="ok")
+
+    control = web.Application(client_max_size=64 << 20)
+    control.router.add_get("/watching", watching)
+    control.router.add_post("/activity", activity)
+    return control
+
+
+_records_decoder = msgspec.json.Decoder(list[dict[str, Any]])
+
+
+async def relay_activity(feed: "ActivityFeed", runtime: Runtime) -> None:
+    """An ingest worker's part of the debugger: while the first worker has a
+    watcher, this worker's records go to it (a bounded buffer here too: what
+    a slow first worker cannot take gives way to newer records)."""
+    from gateway.activity import Watcher
+
+    relay: Watcher | None = None
+    encode = msgspec.json.Encoder().encode
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=runtime.first_control),
+                                     timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT)) as session:
+        while True:
+            try:
+                async with session.get("http://first/watching") as r:
+                    watched = (await r.text()) == "1"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                watched = False
+            if watched and relay is None:
+                relay = feed.watch({})
+            elif not watched and relay is not None:
+                feed.unwatch(relay)
+                relay = None
+            if relay is None:
+                await asyncio.sleep(RELAY_EVERY)
+                continue
+            until = asyncio.get_running_loop().time() + RELAY_EVERY
+            while (left := until - asyncio.get_running_loop().time()) > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(relay.ready.wait(), left)
+                records = relay.take(1000)
+                if records:
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                        async with session.post("http://first/activity", data=encode(records)) as r:
+                            await r.read()
+
+
 # -- an ingest worker -----------------------------------------------------
 
 
@@ -308,6 +370,7 @@ async def _run_worker(cfg: "Config", args: argparse.Namespace) -> None:
     app = create_app(cfg, ingest_worker=runtime)
     control = web.AppRunner(_control_app(app[state.COUNTERS], app), access_log=None)
     await control.setup()
+    relay = asyncio.create_task(relay_activity(app[state.ACTIVITY], runtime), name="activity-relay")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -323,6 +386,7 @@ async def _run_worker(cfg: "Config", args: argparse.Namespace) -> None:
         await web.UnixSite(control, runtime.worker(args.index)).start()
         await stop.wait()
     finally:
+        relay.cancel()
         await runner.cleanup()
         await control.cleanup()
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.testing import AUTH_HEADERS, GatewayProcess, wait_until
+from gateway.testing import AUTH_HEADERS, GatewayProcess, gateway_cli, gateway_config, wait_until
 from test_crash import Load, archive_config, delivered, wait_delivered, wait_gone
 
 WORKERS = 3
@@ -169,6 +169,69 @@ async def test_killing_the_first_worker_takes_the_others_with_it(gateway_process
     assert load.acked and set(load.statuses) <= {200, 503}, load.statuses
     await gateway_process(**archive_config(out))
     await wait_delivered(out, load.acked)
+
+
+async def test_on_nats_workers_are_more_publishers_and_delivery_runs_once(gateway_process: Any, tmp_path: Path,
+                                                                        request: pytest.FixtureRequest) -> None:
+    from nats_servers import delete_streams, nats_config, prefix
+
+    node = request.getfixturevalue("nats_node")  # skips (or fails in CI) without nats-server
+    stream = prefix()
+    out = tmp_path / "out.jsonl"
+    try:
+        gw = await gateway_process(args=("--workers", str(WORKERS)), storage=nats_config(node.urls, stream),
+                                   **archive_config(out))
+
+        async def all_up() -> bool:
+            return (await scrape(gw.url)).get("gateway_server_workers") == WORKERS
+        await wait_until(all_up, what=f"{WORKERS} workers", timeout=30, poll=0.1, seen=lambda: gw.log_tail())
+        load = Load(gw.url)
+        await load.run(until_acked=600, then=lambda: None)
+        assert load.acked and set(load.statuses) <= {200}, load.statuses
+        ids = await wait_delivered(out, load.acked)
+        assert len(ids) == len(set(ids)), "one delivery: each call once"
+        m = await scrape(gw.url)
+        assert m['gateway_calls_accepted_total{source="web"}'] == len(load.acked)
+        assert gw.terminate() == 0
+    finally:
+        await delete_streams(node.urls, stream)
+
+
+async def test_the_debugger_sees_the_calls_of_every_worker(gateway_process: Any, tmp_path: Path) -> None:
+    from test_debugger import ADMIN, CREDS, Stream
+
+    out = tmp_path / "out.jsonl"
+    config = archive_config(out)
+    config["server"] = {**config["server"], "admin": ADMIN}
+    gw = await gateway_process(args=("--workers", str(WORKERS)), **config)
+    async def all_up() -> bool:
+        return (await scrape(gw.url)).get("gateway_server_workers") == WORKERS
+    await wait_until(all_up, what=f"{WORKERS} workers", timeout=20, poll=0.1, seen=lambda: gw.log_tail())
+    async with aiohttp.ClientSession() as watcher:
+        resp = await watcher.get(gw.url + "/debugger/events", headers=CREDS)  # through whichever worker
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        stream = Stream(resp)
+        try:
+            # Each worker looks once a second whether the debugger is watched.
+            await asyncio.sleep(2.5)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                for i in range(30):
+                    async with s.post(gw.url + "/v1/track", headers=AUTH_HEADERS,
+                                      json={"userId": "dbg", "event": "Seen", "messageId": f"c-902-{i}"}) as r:
+                        assert r.status == 200
+            seen = await stream.wait("accepted", 30, userId="dbg")
+            assert sorted(r["messageId"] for r in seen) == sorted(f"c-902-{i}" for i in range(30))
+            await stream.wait("delivered", 1, destination="Archive")
+        finally:
+            await stream.close()
+    m = await scrape(gw.url)
+    assert sum(1 for k, v in m.items() if k.startswith("gateway_server_worker_requests_total") and v > 0) >= 2
+
+
+async def test_workers_must_be_one_or_more(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text(gateway_config(tmp_path))
+    got = await gateway_cli("serve", "--config", str(tmp_path / "config.yaml"), "--workers", "0", cwd=tmp_path)
+    assert got.returncode == 2 and "--workers must be 1 or more" in got.stderr, got
 
 
 @pytest.fixture(autouse=True)
