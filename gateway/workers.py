@@ -326,7 +326,7 @@ class PassToFirst:
                 await resp.write_eof()
                 return resp
         except (aiohttp.ClientError, OSError) as e:
-            return web.json_response(error_body("unavailable", f"the first worker does not answer: {e}"),
+            return web.json_response(error_body("overload", f"the first worker does not answer: {e}"),
                                      status=503)
 
     async def close(self, app: web.Application) -> None:
