@@ -77,7 +77,7 @@ def banner(cfg: Config, host: str, port: int, workers: int = 1) -> str:
     if not cfg.destinations:
         lines.append("    (none: calls are stored and kept)")
     st = cfg.storage
-    dedup = human_duration(st.dedup_window) if st.dedup_window > 0 and st.backend == "sqlite" else "off"
+    dedup = human_duration(st.dedup_window) if st.dedup_window > 0 else "off"
     from gateway.spool import describe
 
     where = describe(st)
@@ -218,7 +218,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {describe(st)} "
           f"(max {human_size(st.max_bytes)}, retention {human_duration(st.retention)}, dedup window "
-          f"{human_duration(st.dedup_window) if st.dedup_window > 0 and st.backend == 'sqlite' else 'off'})")
+          f"{human_duration(st.dedup_window) if st.dedup_window > 0 else 'off'})")
     print(f"limits: {human_size(cfg.server.max_event_bytes)} a call, {human_size(cfg.server.max_batch_bytes)} "
           "a batch request")
     print("sources:")

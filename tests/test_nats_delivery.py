@@ -146,9 +146,9 @@ async def test_a_full_stream_is_a_503_with_retry_after(nats_storage: dict[str, A
     fake_destination.default = status(503, headers={"Retry-After": "1"})
     client = await gateway_client(storage={**nats_storage, "max_bytes": "64KiB"},
                                   destinations=[webhook("Hook", fake_destination.url)])
-    batch = [track(f"f-{i}", properties={"pad": "x" * 300}) for i in range(20)]
     answers = []
-    for _ in range(20):
+    for k in range(20):
+        batch = [track(f"f-{k}-{i}", properties={"pad": "x" * 300}) for i in range(20)]  # new ids: stored each time
         a = await post(client, "/v1/batch", {"batch": batch})
         answers.append(a)
         if a.status != 200:

@@ -190,3 +190,24 @@ async def test_dead_letters_list_show_and_replay(backend: Backend) -> None:
 
     [p] = await due(spool, "d", 1, "the replayed dead letter to come due")
     assert (p.data, p.attempts) == (call, 0) and p.reason.startswith("replayed")
+
+
+async def test_a_message_id_is_stored_once_within_the_window(backend: Backend) -> None:
+    """storage.dedup_window (24h by default), on every backend: an append
+    leaves out the calls whose messageId was stored, and says how many;
+    the same within one turn of the loop, and after a restart."""
+    spool = backend.spool
+    start = await spool.cursor("d")
+    assert await spool.append("web", [b"a", b"b"], ["x", "y"]) == 0
+    assert await spool.append("web", [b"c", b"d", b"e"], ["y", None, "z"]) == 1, "y was stored"
+    same_turn = await asyncio.gather(spool.append("app", [b"f"], ["w"]), spool.append("web", [b"g"], ["w"]),
+                                     spool.append("web", [b"h"], ["w"]))
+    assert sorted(same_turn) == [0, 1, 1], "one of the three is stored"
+    got = await window(spool, "d", start, 5)
+    data = [r.data for r in got]
+    assert data[:4] == [b"a", b"b", b"d", b"e"] and data[4:] in ([b"f"], [b"g"]), data
+    await spool.ack(Ack("d", cursor=got[-1].seq))
+    spool = await backend.reopen()
+    assert await spool.append("web", [b"i", b"j"], ["x", "v"]) == 1, "stored before the restart"
+    assert await spool.append("web", [b"k"], [None]) == 0, "calls without a client's messageId are never left out"
+    assert [r.data for r in await window(spool, "d", await spool.cursor("d"), 2)] == [b"j", b"k"]

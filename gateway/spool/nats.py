@@ -8,7 +8,9 @@ are one message per source, so the stream's cost is paid per request, not
 per call.  A publish that gets no acknowledgement in time is sent again,
 with the same ``Nats-Msg-Id`` (the stream stores it once); one that still
 gets none, a full stream (``storage.max_bytes``, discard new) or no quorum
-is a 503 with Retry-After.
+is a 503 with Retry-After.  With ``storage.dedup_window``, each call with a
+client's messageId also gets a marker message in the stream, in one atomic
+batch with its call (``_publish_deduplicated``).
 
 Every process delivers: each destination has one durable pull consumer,
 shared by all of them, and each process leases messages from it
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import hashlib
 import itertools
 import logging
 import secrets
@@ -43,8 +46,8 @@ import msgspec
 
 from gateway.config import DestinationConfig, StorageConfig
 from gateway.spool.nats_js import (
-    CONSUMER_NOT_FOUND, DUPLICATE_IN_PROCESS, META_DESTINATION, META_SEEN, MESSAGE_CALLS, NO_STORAGE, SPAN, STORE_FAILED, ApiError, Js,
-    Names,
+    BATCH_IDS, CONSUMER_NOT_FOUND, DUPLICATE_IN_PROCESS, META_DESTINATION, META_SEEN, MESSAGE_CALLS, NO_STORAGE, SPAN,
+    STORE_FAILED, WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_BATCH, ApiError, Js, Names,
     ack_wait_for, connect, consumer_config, consumer_of, stream_configs,
 )
 from gateway.spool.nats_lanes import CallLane, Puller, RetryLane
@@ -79,11 +82,13 @@ pending_encoder = msgspec.msgpack.Encoder()
 class _Group:
     """The appends of one source in this turn of the loop."""
 
-    __slots__ = ("rows", "waiters")
+    __slots__ = ("rows", "ids", "waiters")
 
     def __init__(self) -> None:
         self.rows: list[bytes] = []
-        self.waiters: list[asyncio.Future[None]] = []
+        self.ids: list[str | None] = []  # the messageId of each row (None: none to deduplicate on)
+        #: (future, index of its first row, how many)
+        self.waiters: list[tuple[asyncio.Future[list[int]], int, int]] = []
 
 
 class _Destination:
@@ -162,6 +167,8 @@ class NatsSpool:
         self.cfg = storage.nats
         self.names = Names(self.cfg.stream)
         self.max_bytes = int(storage.max_bytes)
+        #: seconds a stored messageId keeps a call with the same id out (0: off)
+        self.dedup_window = float(storage.dedup_window)
         self.on_commit = on_commit
         #: the stream's messages (a request, or a turn of the loop, each) and
         #: bytes, as of the last look, plus what this process stored since
@@ -217,7 +224,7 @@ class NatsSpool:
         try:
             while True:
                 try:
-                    for want in stream_configs(self.names, self.cfg, self.max_bytes):
+                    for want in stream_configs(self.names, self.cfg, self.max_bytes, self.dedup_window > 0):
                         await self.js.ensure_stream(want)
                     for name in self.enabled:
                         await self._destination(name)
@@ -379,9 +386,11 @@ class NatsSpool:
     async def append(self, source: str, rows: list[bytes], ids: list[str | None] | None = None) -> int:
         """Store calls; returns once the stream acknowledged them.
 
-        ``ids`` are not used: this backend does not deduplicate by messageId
-        (that would cost a publish a call); the publishes of one append are
-        deduplicated by ``Nats-Msg-Id`` when they are sent again."""
+        With ``ids`` (one per row, None for none) and a ``dedup_window``, a
+        call whose messageId was stored within it is left out, and the
+        number left out is returned (``_publish_deduplicated``).  The
+        publishes of one append are deduplicated by ``Nats-Msg-Id`` when they
+        are sent again."""
         if not rows:
             return 0
         size = sum(map(len, rows)) + len(rows)
@@ -390,18 +399,20 @@ class NatsSpool:
             raise SpoolFull(problem) if self.bytes + size > self.max_bytes else StorageFailed(problem)
         if self._closing:
             raise StorageFailed("the spool is closing")
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         group = self._pending.get(source)
         if group is None:
             group = self._pending[source] = _Group()
+        group.waiters.append((waiter, len(group.rows), len(rows)))
         group.rows.extend(rows)
-        group.waiters.append(waiter)
+        group.ids.extend(ids if ids and self.dedup_window > 0 else [None] * len(rows))
         if not self._flush_queued:
             self._flush_queued = True
             asyncio.get_running_loop().call_soon(self._flush)
-        await waiter
-        self.bytes += size  # until the next look at the stream
-        return 0
+        left_out = await waiter
+        # until the next look at the stream
+        self.bytes += size - sum(len(rows[i]) + 1 for i in left_out)
+        return len(left_out)
 
     def _flush(self) -> None:
         """Publish the appends of this turn: a message per source (more when
@@ -409,48 +420,193 @@ class NatsSpool:
         pending, self._pending, self._flush_queued = self._pending, {}, False
         now = f"{time.time():.6f}"
         for source, group in pending.items():
-            fut = asyncio.ensure_future(self._publish_group(source, group.rows, now))
+            fut = asyncio.ensure_future(self._publish_group(source, group.rows, group.ids, now))
             self._publishing.add(fut)
             fut.add_done_callback(self._publishing.discard)
             fut.add_done_callback(functools.partial(self._settle, group.waiters))
 
     @staticmethod
-    def _settle(waiters: list[asyncio.Future[None]], job: asyncio.Future[None]) -> None:
+    def _settle(waiters: list[tuple[asyncio.Future[list[int]], int, int]], job: asyncio.Future[list[int]]) -> None:
+        """Answer every append of a group, each with the indexes of its calls left out."""
         exc = StorageFailed("the spool closed before the calls were stored") if job.cancelled() else job.exception()
-        for w in waiters:
+        left_out = [] if exc is not None else job.result()
+        for w, start, count in waiters:
             if not w.done():
                 if exc is None:
-                    w.set_result(None)
+                    w.set_result([i - start for i in left_out[bisect.bisect_left(left_out, start):
+                                                              bisect.bisect_left(left_out, start + count)]])
                 else:
                     w.set_exception(exc)
 
-    def _messages(self, rows: list[bytes]) -> Iterator[bytes]:
-        """The rows joined by newlines, within max_payload and MESSAGE_CALLS a message."""
+    def _chunks(self, rows: list[bytes], per_message: int) -> Iterator[tuple[int, int]]:
+        """(start, end) of the rows of each message: within max_payload and ``per_message`` rows."""
         limit = (self.nc.max_payload if self.nc is not None else 1 << 20) - 1024
         start, size = 0, 0
         for i, row in enumerate(rows):
             n = len(row) + 1
-            if i > start and (size + n > limit or i - start >= MESSAGE_CALLS):
-                yield b"\n".join(rows[start:i])
+            if i > start and (size + n > limit or i - start >= per_message):
+                yield start, i
                 start, size = i, 0
             size += n
-        yield b"\n".join(rows[start:])
+        yield start, len(rows)
 
-    async def _publish_group(self, source: str, rows: list[bytes], received: str) -> None:
+    async def _publish_group(self, source: str, rows: list[bytes], ids: list[str | None], received: str) -> list[int]:
+        """Publish a group's calls (a message per chunk); the indexes of the
+        calls left out as duplicates, in order."""
         hdr = self._source_headers.get(source)
         if hdr is None:
             hdr = self._source_headers[source] = quote(source, safe="")
         subject = self.names.calls_subject
-        jobs = [self._publish(subject, payload, {"Nats-Msg-Id": f"{self._instance}-{next(self._ids)}",
-                                                  "Gw-Source": hdr, "Gw-Received": received})
-                for payload in self._messages(rows)]
-        if len(jobs) == 1:
-            await jobs[0]
-        else:
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+        headers = {"Gw-Source": hdr, "Gw-Received": received}
+        dedup = any(ids)
+        left_out: list[int] = []
+        if dedup:  # the same id twice in one group: the first is the one stored
+            seen: set[str] = set()
+            for i, mid in enumerate(ids):
+                if mid is not None:
+                    if mid in seen:
+                        left_out.append(i)
+                    seen.add(mid)
+        skip = set(left_out)
+        jobs = []
+        for start, end in self._chunks(rows, BATCH_IDS if dedup else MESSAGE_CALLS):
+            mine = [i for i in range(start, end) if i not in skip]
+            h = {**headers, "Nats-Msg-Id": f"{self._instance}-{next(self._ids)}"}
+            if dedup:
+                jobs.append(self._publish_deduplicated(subject, [rows[i] for i in mine], [ids[i] for i in mine], h))
+            else:
+                jobs.append(self._publish(subject, b"\n".join(rows[start:end]), h))
+        results = await asyncio.gather(*jobs, return_exceptions=True) if len(jobs) > 1 else [await jobs[0]]
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        if dedup:
+            chunks = list(self._chunks(rows, BATCH_IDS))
+            for (start, end), dups in zip(chunks, results):
+                mine = [i for i in range(start, end) if i not in skip]
+                left_out += [mine[k] for k in dups]  # type: ignore[union-attr]
+            left_out.sort()
+        return left_out
+
+    def id_subject(self, message_id: str) -> str:
+        """The subject of a stored messageId's marker (a hash: any string is an id)."""
+        return f"{self.names.ids_prefix}.{hashlib.blake2b(message_id.encode(), digest_size=16).hexdigest()}"
+
+    async def _publish_deduplicated(self, subject: str, rows: list[bytes], ids: list[str | None],
+                                    headers: dict[str, str]) -> list[int]:
+        """Store ``rows`` except those whose messageId has a marker in the
+        stream, and a marker (expiring after the dedup window) for each id
+        stored, in one atomic batch: a marker exists exactly when its call
+        was stored, whichever gateway stored it, and a crash cannot part
+        them.  Returns the indexes left out.
+
+        A marker that exists already fails the whole batch; the markers of
+        its ids are looked up, the duplicates left out, and the rest sent
+        again.  A marker holding this group's key means an earlier attempt
+        of this very group was stored (its acknowledgement was lost)."""
+        import nats.errors
+
+        nc = self.nc
+        if nc is None:
+            raise StorageFailed("the spool is closed")
+        key = headers["Nats-Msg-Id"].encode()
+        ttl = f"{max(1, int(self.dedup_window))}s"
+        subjects = [self.id_subject(m) if m is not None else None for m in ids]
+        dups: set[int] = set()
+        end = time.monotonic() + APPEND_DEADLINE
+        why = "no acknowledgement"
+        for attempt in itertools.count():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise StorageFailed(f"the stream did not store the calls: {why}")
+            keep = [i for i in range(len(rows)) if i not in dups]
+            if not keep:
+                return sorted(dups)
+            markers = [subjects[i] for i in keep if subjects[i] is not None]
+            payload = b"\n".join(rows[i] for i in keep)
+            if not markers:
+                await self._publish(subject, payload, headers, end)
+                return sorted(dups)
+            batch = f"{headers['Nats-Msg-Id']}-{attempt}"
+            if attempt:
+                self.publish_retries += 1
+            started = time.perf_counter()
+            self.in_flight += 1
+            try:
+                for k, marker in enumerate(markers, 1):
+                    await nc.publish(marker, key, headers={
+                        "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(k),
+                        "Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": ttl})
+                msg = await nc.request(subject, payload, timeout=min(PUBLISH_TIMEOUT, left), headers={
+                    **headers, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(len(markers) + 1),
+                    "Nats-Batch-Commit": "1"})
+                resp = msgspec.json.decode(msg.data)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                why = f"no acknowledgement ({type(e).__name__})"
+                self._failing(why)
+                resp = None
+            except nats.errors.Error as e:
+                raise StorageFailed(f"NATS: {type(e).__name__}: {e}".rstrip(": ")) from None
+            finally:
+                self.in_flight -= 1
+            err = resp.get("error") if isinstance(resp, dict) else {"err_code": None}
+            if not err:
+                self._stored(time.perf_counter() - started)
+                return sorted(dups)
+            if err.get("err_code") not in (None, WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_BATCH,
+                                           DUPLICATE_IN_PROCESS):
+                self._refused(resp, subject)  # type: ignore[arg-type]
+            # Which of these ids are stored already (or was it this group, at an earlier attempt)?
+            found = await self._markers([subjects[i] for i in keep])
+            if key in found.values():
+                self._stored(time.perf_counter() - started)
+                return sorted(dups)
+            new = {i for i, subj in zip(keep, (subjects[i] for i in keep)) if subj is not None and subj in found}
+            if not new and err.get("err_code") is not None:
+                why = f"the stream refused the batch: {err.get('description')} (error {err.get('err_code')})"
+                await asyncio.sleep(min(0.05 * (attempt + 1), max(0.0, end - time.monotonic())))
+            dups |= new
+        raise AssertionError("unreachable")
+
+    async def _markers(self, subjects: list[str | None]) -> dict[str, bytes]:
+        """The markers that exist among ``subjects``: subject -> the key of the group that stored it."""
+        import base64
+
+        js = self._api()
+        wanted = sorted({s for s in subjects if s is not None})
+
+        async def one(subj: str) -> tuple[str, bytes | None]:
+            try:
+                got = await js.call(f"STREAM.MSG.GET.{self.names.calls}", {"last_by_subj": subj})
+            except ApiError as e:
+                if e.code == 404:
+                    return subj, None
+                raise
+            return subj, base64.b64decode(got["message"].get("data") or "")
+        found: dict[str, bytes] = {}
+        for k in range(0, len(wanted), PUBLISHES_IN_FLIGHT):
+            for subj, data in await asyncio.gather(*(one(s) for s in wanted[k:k + PUBLISHES_IN_FLIGHT])):
+                if data is not None:
+                    found[subj] = data
+        return found
+
+    def _stored(self, took: float) -> None:
+        """A publish (or an atomic batch) was acknowledged after ``took`` seconds."""
+        self._failing_since = None
+        self._stored_at = time.monotonic()
+        self.on_commit(took)
+        self.publish_counts[bisect.bisect_left(PUBLISH_BUCKETS, took)] += 1
+        self.publish_sum += took
+
+    def _refused(self, resp: dict[str, Any], subject: str) -> None:
+        """Raise what a refusal of the stream means: SpoolFull when it is full."""
+        err = resp["error"]
+        desc = str(err.get("description", ""))
+        if err.get("err_code") == STORE_FAILED and "maximum" in desc:
+            self.bytes = max(self.bytes, self.max_bytes)  # refused until the next look says otherwise
+            raise SpoolFull(f"the stream {resp.get('stream') or subject} is full: {desc} "
+                            f"(storage.max_bytes {self.max_bytes})")
+        raise StorageFailed(f"the stream refused the calls: {desc} (error {err.get('err_code')})")
 
     async def _publish(self, subject: str, payload: bytes, headers: dict[str, str],
                        deadline: float | None = None) -> None:
@@ -499,18 +655,8 @@ class NatsSpool:
                 await asyncio.sleep(min(0.1, max(0.0, end - time.monotonic())))
                 continue
             if err:
-                desc = str(err.get("description", ""))
-                if err.get("err_code") == STORE_FAILED and "maximum" in desc:
-                    self.bytes = max(self.bytes, self.max_bytes)  # refused until the next look says otherwise
-                    raise SpoolFull(f"the stream {resp.get('stream') or subject} is full: {desc} "
-                                    f"(storage.max_bytes {self.max_bytes})")
-                raise StorageFailed(f"the stream refused the calls: {desc} (error {err.get('err_code')})")
-            took = time.perf_counter() - started
-            self._failing_since = None
-            self._stored_at = time.monotonic()
-            self.on_commit(took)
-            self.publish_counts[bisect.bisect_left(PUBLISH_BUCKETS, took)] += 1
-            self.publish_sum += took
+                self._refused(resp, subject)
+            self._stored(time.perf_counter() - started)
             return
 
     # -- delivery ---------------------------------------------------------
@@ -692,7 +838,9 @@ class NatsSpool:
                     raise
         removed = 0
         if upto > int(state["first_seq"]) and int(state["messages"]):
-            removed = int((await js.call(f"STREAM.PURGE.{names.calls}", {"seq": upto})).get("purged", 0))
+            # The calls only: a messageId's marker goes when its dedup window is over (its TTL).
+            removed = int((await js.call(f"STREAM.PURGE.{names.calls}",
+                                         {"seq": upto, "filter": names.calls_subject})).get("purged", 0))
         if removed:
             state = (await js.call(f"STREAM.INFO.{names.calls}"))["state"]
         self.rows, self.bytes = int(state["messages"]), int(state["bytes"])

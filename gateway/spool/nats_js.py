@@ -46,6 +46,9 @@ log = logging.getLogger("gateway.spool.nats")
 
 SPAN = 1 << 20  # positions per message, as in the SQLite spool (store.py)
 MESSAGE_CALLS = 10_000  # calls a message holds at most (well below SPAN)
+#: calls (with a messageId each) of one atomic batch at most: the server takes
+#: 1,000 messages a batch, and each call's marker is one
+BATCH_IDS = 999
 API_TIMEOUT = 5.0  # seconds for one JetStream API request
 DUPLICATE_WINDOW = 120.0  # seconds a Nats-Msg-Id is remembered (a publish retried after a timeout)
 #: JetStream's error codes the gateway tells apart
@@ -53,6 +56,8 @@ STREAM_NOT_FOUND, CONSUMER_NOT_FOUND, MESSAGE_NOT_FOUND = 10059, 10014, 10037
 STREAM_NAME_IN_USE, STORE_FAILED = 10058, 10077
 #: a publish sent again while the first, with its Nats-Msg-Id, still waits for its quorum
 DUPLICATE_IN_PROCESS = 10158
+#: a marker of an atomic batch exists already; two markers of one batch share a subject
+WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_BATCH = 10071, 10164
 #: errors that waiting does not cure: no disk to reserve storage.max_bytes on, a request the server refuses
 NO_STORAGE = 10047
 #: consumer metadata: the destination a consumer delivers to, and when a
@@ -80,6 +85,8 @@ class Names:
         self.retries = f"{prefix}_RETRIES"
         self.dead = f"{prefix}_DEAD"
         self.calls_subject = f"{prefix}.calls"
+        #: the subjects (in the calls stream) of the markers of stored messageIds
+        self.ids_prefix = f"{prefix}.ids"
         self._tokens: dict[str, str] = {}
 
     def token(self, destination: str) -> str:
@@ -105,16 +112,21 @@ def nanos(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def stream_configs(names: Names, nats: NatsConfig, max_bytes: int) -> list[dict[str, Any]]:
-    """The three streams, as the JetStream API takes them."""
+def stream_configs(names: Names, nats: NatsConfig, max_bytes: int, dedup: bool = False) -> list[dict[str, Any]]:
+    """The three streams, as the JetStream API takes them.  With ``dedup``
+    the calls stream also holds a marker per stored messageId (a subject
+    each, expiring with its own TTL), written in the atomic batch of its
+    call (nats-server 2.12 or later)."""
     common = {"storage": "file", "num_replicas": nats.replicas, "discard": "new",
               "duplicate_window": nanos(DUPLICATE_WINDOW)}
     # JetStream reserves a stream's max_bytes on every replica's disk: the
     # retries and dead letters (small, and bounded by the servers' own
     # max_file_store) reserve nothing.
     return [
-        {"name": names.calls, "subjects": [names.calls_subject], "retention": "limits", "max_bytes": max_bytes,
-         "description": "gateway: the calls every destination delivers", **common},
+        {"name": names.calls, "retention": "limits", "max_bytes": max_bytes,
+         "description": "gateway: the calls every destination delivers", **common,
+         **({"subjects": [names.calls_subject, f"{names.ids_prefix}.*"], "allow_atomic": True,
+             "allow_msg_ttl": True} if dedup else {"subjects": [names.calls_subject]})},
         {"name": names.retries, "subjects": [f"{names.prefix}.retry.*"], "retention": "workqueue", "max_bytes": -1,
          "description": "gateway: calls waiting for another attempt, a subject per destination", **common},
         {"name": names.dead, "subjects": [f"{names.prefix}.dead.*"], "retention": "limits", "max_bytes": -1,
@@ -123,7 +135,8 @@ def stream_configs(names: Names, nats: NatsConfig, max_bytes: int) -> list[dict[
 
 
 #: what the gateway sets on its streams and may change on one that exists
-_UPDATABLE = ("max_bytes", "num_replicas", "discard", "duplicate_window", "subjects", "description")
+_UPDATABLE = ("max_bytes", "num_replicas", "discard", "duplicate_window", "subjects", "description",
+              "allow_atomic", "allow_msg_ttl")
 #: what cannot change on a stream that exists
 _FIXED = ("retention", "storage")
 
@@ -139,8 +152,8 @@ def consumer_config(names: Names, destination: str, ack_wait: float, *, retry: b
         "ack_policy": "explicit", "ack_wait": nanos(ack_wait), "max_deliver": -1, "max_ack_pending": -1,
         "metadata": {META_DESTINATION: destination, META_SEEN: str(int(time.time()))},
     }
-    if retry:
-        cfg["filter_subject"] = names.retry_subject(destination)
+    # The calls only (the calls stream also holds the markers of messageIds).
+    cfg["filter_subject"] = names.retry_subject(destination) if retry else names.calls_subject
     return cfg
 
 
@@ -198,10 +211,11 @@ class Js:
                 if have.get(k) != want[k]:
                     raise StorageFailed(f"the stream {name} exists with {k} {have.get(k)!r}, not {want[k]!r}: "
                                         f"it is not the gateway's, or was changed by hand")
-            if all(have.get(k) == want[k] for k in _UPDATABLE):
+            changed = [k for k in _UPDATABLE if k in want and have.get(k) != want[k]]
+            if not changed:
                 return dict(info)
             log.warning("updating the stream %s: %s", name,
-                        ", ".join(f"{k} {have.get(k)!r} -> {want[k]!r}" for k in _UPDATABLE if have.get(k) != want[k]))
+                        ", ".join(f"{k} {have.get(k)!r} -> {want[k]!r}" for k in changed))
             return dict(await self.call(f"STREAM.UPDATE.{name}", {**have, **want}))
         raise StorageFailed(f"could not create or read the stream {name}")
 
