@@ -12,6 +12,7 @@ run:
    delivered to the sink while the batches come in.
 
     python bench/nats_bench.py [--duration 10] [--connections 32] [--gateways 1,2] [--sync-always]
+                               [--dedup-window 0]
 
 Every run checks that each call answered 200 reached the sink.  Targets:
 single calls at least 0.5 of the bare publisher's messages/s of one-call
@@ -70,13 +71,15 @@ def bare(cluster: NatsCluster, size: int, duration: float, log: Path) -> dict[st
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def gateway_config(tmp: Path, name: str, cluster: NatsCluster, stream: str, sink_port: int) -> Path:
+def gateway_config(tmp: Path, name: str, cluster: NatsCluster, stream: str, sink_port: int,
+                   dedup_window: str | None = None) -> Path:
     cfg = tmp / f"{name}.yaml"
+    dedup = f"\n  dedup_window: {dedup_window}" if dedup_window is not None else ""
     cfg.write_text(f"""
 server: {{host: 127.0.0.1, max_event_bytes: 64KiB, max_batch_bytes: 1MiB}}
 storage:
   backend: nats
-  max_bytes: 4GiB
+  max_bytes: 4GiB{dedup}
   nats: {{servers: {json.dumps(cluster.urls)}, stream: {stream}, replicas: 3}}
 sources:
   - name: default
@@ -123,7 +126,7 @@ def run_gateways(tmp: Path, cluster: NatsCluster, n: int, a: argparse.Namespace)
                 tmp / f"sink-{n}.log")
     ports = [free_port() for _ in range(n)]
     gws = [Proc([sys.executable, "-m", "gateway", "serve", "--quiet", "--config",
-                 str(gateway_config(tmp, f"gw{n}-{i}", cluster, stream, sink_port)), "--port", str(p)], p,
+                 str(gateway_config(tmp, f"gw{n}-{i}", cluster, stream, sink_port, a.dedup_window)), "--port", str(p)], p,
                 tmp / f"gateway-{n}-{i}.log", cwd=tmp) for i, p in enumerate(ports)]
     single, batch = tmp / "single.lua", tmp / "batch.lua"
     lua_script(single, 1)
@@ -179,6 +182,8 @@ def main() -> int:
     ap.add_argument("--gateways", default="1,2", help="gateway processes per run, comma-separated")
     ap.add_argument("--sync-always", action="store_true", help="nats-server with sync_interval: always")
     ap.add_argument("--keep", action="store_true", help="keep the stores and logs (printed at the end)")
+    ap.add_argument("--dedup-window", help="storage.dedup_window of the gateways (default: 24h; 0 turns "
+                    "deduplication off, to see what it costs)")
     a = ap.parse_args()
     with scratch("gateway-bench-nats-", a.keep) as tmp:
         cluster = NatsCluster(tmp / "nats", 3, sync_always=a.sync_always)
