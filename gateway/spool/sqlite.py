@@ -191,18 +191,10 @@ class SqliteSpool:
             raise
         finally:
             theirs.close()
-        assert self._loop is not None
-        link: _Link | None = None
         try:
-            _, link = await self._loop.create_unix_connection(lambda: _Link(self), sock=ours)
-            opened = await asyncio.wait_for(asyncio.shield(link.opened), OPEN_TIMEOUT)
-            if opened.error:
-                raise StorageFailed(opened.error)
+            link, opened = await self._handshake(sock=ours)
         except BaseException:
-            if link is not None and link.transport is not None:
-                link.transport.close()
-            else:
-                ours.close()
+            ours.close()  # if the transport did not take it
             await self._reap(proc)
             raise
         self._proc = proc
@@ -210,20 +202,26 @@ class SqliteSpool:
 
     async def _connect_writer(self, address: str) -> None:
         """Use the writer another worker started (``gateway serve --workers``)."""
+        try:
+            link, opened = await self._handshake(path=address)
+        except OSError as e:
+            raise StorageFailed(f"cannot reach the spool writer at {address}: {e}") from None
+        self._opened(link, opened)
+
+    async def _handshake(self, **where: Any) -> tuple[_Link, w.Opened]:
+        """Connect to a writer (``sock=`` or ``path=``) and wait for what it opened."""
         assert self._loop is not None
         link: _Link | None = None
         try:
-            _, link = await self._loop.create_unix_connection(lambda: _Link(self), path=address)
+            _, link = await self._loop.create_unix_connection(lambda: _Link(self), **where)
             opened = await asyncio.wait_for(asyncio.shield(link.opened), OPEN_TIMEOUT)
             if opened.error:
                 raise StorageFailed(opened.error)
-        except OSError as e:
-            raise StorageFailed(f"cannot reach the spool writer at {address}: {e}") from None
         except BaseException:
             if link is not None and link.transport is not None:
                 link.transport.close()
             raise
-        self._opened(link, opened)
+        return link, opened
 
     def _opened(self, link: _Link, opened: w.Opened) -> None:
         self.rows, self.bytes = opened.rows, opened.bytes + self._inflight
