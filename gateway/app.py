@@ -194,11 +194,12 @@ class Handlers:
 
     async def metrics(self, request: web.Request) -> web.Response:
         registry = self.metrics_registry
-        if self.pool is not None:  # every worker's ingest counters, added up
+        pool = self.pool
+        if pool is not None:  # every worker's ingest counters, added up
             from gateway.workers import summed
 
-            total = summed(self.counters, await self.pool.counters())
-            registry = registry_for(total, self.spool, self.delivery.workers, self.pool)
+            total = summed(self.counters, await pool.counters())
+            registry = registry_for(total, self.spool, self.delivery.workers, lambda: pool.restarts)
         return web.Response(body=render(registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
@@ -264,7 +265,7 @@ def create_app(cfg: Config, *, pool: "WorkerPool | None" = None,
     app[state.INGEST_WORKER] = ingest_worker
     app[state.INGEST_SHARE] = share = IngestShare(contended=delivery.behind)
     app[state.INTAKE] = Intake(share, spool, counters, feed)
-    app[state.METRICS] = registry_for(counters, spool, delivery.workers, pool)
+    app[state.METRICS] = registry_for(counters, spool, delivery.workers)
     handlers = Handlers(app)
     setup_routes(app, handlers)
     if any(s.kind == "track_api" for s in cfg.sources):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -17,7 +17,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 if TYPE_CHECKING:
     from gateway.delivery import Worker
     from gateway.spool import Spool
-    from gateway.workers import WorkerPool
 
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -51,11 +50,12 @@ class Counters:
 
 class GatewayCollector:
     def __init__(self, counters: Counters, spool: "Spool", workers: list["Worker"],
-                 pool: "WorkerPool | None" = None) -> None:
+                 worker_restarts: Callable[[], int] | None = None) -> None:
         self.c = counters
         self.spool = spool
         self.workers = workers
-        self.pool = pool
+        #: gateway serve --workers: how many worker processes were started again
+        self.worker_restarts = worker_restarts
 
     def collect(self) -> Iterator[Metric]:
         c = self.c
@@ -138,26 +138,25 @@ class GatewayCollector:
             paused.add_metric([w.name], 1 if s.paused else 0)
         yield from per.values()
         yield from (dead, skipped, reqs, backlog, retry_backlog, oldest, paused)
-        pool = self.pool
         yield GaugeMetricFamily("gateway_server_workers", "Server processes that answered this scrape "
                                 "(gateway serve --workers)", value=len(c.by_worker) or 1)
-        if pool is not None:
+        if self.worker_restarts is not None:
             m = CounterMetricFamily("gateway_server_worker_requests", "HTTP requests answered, by worker "
                                     "process (0: the first)", labels=["worker"])
             for k, n in sorted(c.by_worker.items()):
                 m.add_metric([k], n)
             yield m
             yield CounterMetricFamily("gateway_server_worker_restarts", "Worker processes that died and were "
-                                      "started again", value=pool.restarts)
+                                      "started again", value=self.worker_restarts())
         extra = getattr(self.spool, "collect_extra", None)  # a backend's own series (NATS)
         if extra is not None:
             yield from extra()
 
 
 def registry_for(counters: Counters, spool: "Spool", workers: list["Worker"],
-                 pool: "WorkerPool | None" = None) -> CollectorRegistry:
+                 worker_restarts: Callable[[], int] | None = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(GatewayCollector(counters, spool, workers, pool))  # type: ignore[arg-type]
+    reg.register(GatewayCollector(counters, spool, workers, worker_restarts))  # type: ignore[arg-type]
     return reg
 
 

@@ -2,7 +2,7 @@
 
 The process ``gateway serve`` starts is the first worker: it runs delivery,
 the debugger and, on the SQLite backend, the spool's writer, as with one
-worker.  It starts N-1 ingest workers (``python -m gateway.workers``), each
+worker.  It starts N-1 ingest workers (``python -m gateway.worker_main``), each
 listening on the same port with SO_REUSEPORT, so the kernel spreads
 connections over them.  An ingest worker decodes, checks, enriches and
 stores calls, and does nothing else:
@@ -22,7 +22,6 @@ drains every worker, then itself; its death takes the others with it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -44,7 +43,7 @@ from gateway.metrics import Counters
 
 if TYPE_CHECKING:
     from gateway.activity import ActivityFeed
-    from gateway.config import Config
+    from gateway.spool import Spool
 
 log = logging.getLogger("gateway.workers")
 
@@ -166,7 +165,7 @@ class WorkerPool:
     async def _keep(self, index: int) -> None:
         for attempt in range(1 << 30):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.workers", "--config", self.config_path, "--host", self.host,
+                sys.executable, "-m", "gateway.worker_main", "--config", self.config_path, "--host", self.host,
                 "--port", str(self.port), "--runtime", str(self.runtime.path), "--index", str(index),
                 "--parent", str(os.getpid()), stdin=asyncio.subprocess.DEVNULL)
             self.procs[index] = proc
@@ -286,19 +285,6 @@ async def relay_activity(feed: "ActivityFeed", runtime: Runtime) -> None:
                             await r.read()
 
 
-# -- an ingest worker -----------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM when the first worker dies (Linux), so no worker outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 class PassToFirst:
     """The handler of FIRST_WORKER_PATHS on an ingest worker: the request
     goes to the first worker, and its answer (a stream too) comes back."""
@@ -334,18 +320,13 @@ class PassToFirst:
             await self.session.close()
 
 
-def _control_app(counters: Counters, app: web.Application) -> web.Application:
+def control_app(counters: Counters, spool: "Spool", max_event_bytes: int) -> web.Application:
     """What the first worker asks an ingest worker, on its private socket."""
-    from gateway import app_state as state
-
-    spool = app[state.SPOOL]
-    cfg = app[state.CONFIG]
-
     async def get_counters(request: web.Request) -> web.Response:
         return web.Response(body=counters_doc(counters), content_type="application/msgpack")
 
     async def ready(request: web.Request) -> web.Response:
-        problem = spool.room_problem(cfg.server.max_event_bytes)
+        problem = spool.room_problem(max_event_bytes)
         if problem is None:
             try:
                 async with asyncio.timeout(ASK_TIMEOUT / 2):
@@ -358,64 +339,3 @@ def _control_app(counters: Counters, app: web.Application) -> web.Application:
     control.router.add_get("/counters", get_counters)
     control.router.add_get("/ready", ready)
     return control
-
-
-async def _run_worker(cfg: "Config", args: argparse.Namespace) -> None:
-    from gateway import app_state as state
-    from gateway.app import create_app
-    from gateway.cli import server_runner
-    from gateway.tls import server_ssl_context
-
-    runtime = Runtime(Path(args.runtime))
-    app = create_app(cfg, ingest_worker=runtime)
-    control = web.AppRunner(_control_app(app[state.COUNTERS], app), access_log=None)
-    await control.setup()
-    relay = asyncio.create_task(relay_activity(app[state.ACTIVITY], runtime), name="activity-relay")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    runner = server_runner(app, cfg)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, args.host, args.port, backlog=2048, reuse_address=True, reuse_port=True,
-                          ssl_context=server_ssl_context(cfg)).start()
-        # Once it listens: the first worker counts it as running when it answers here.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(runtime.worker(args.index))
-        await web.UnixSite(control, runtime.worker(args.index)).start()
-        await stop.wait()
-    finally:
-        relay.cancel()
-        await runner.cleanup()
-        await control.cleanup()
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gateway.workers", description="one ingest worker (see the module)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--runtime", required=True)
-    p.add_argument("--index", type=int, required=True)
-    p.add_argument("--parent", type=int, required=True)
-    args = p.parse_args(argv)
-    _die_with_parent(args.parent)
-    logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s[worker {args.index}]: %(message)s")
-    from gateway import config
-    from gateway.cli import event_loop_runner
-    from gateway.spool import StorageFailed
-
-    cfg = config.load(args.config)
-    with event_loop_runner() as runner:
-        try:
-            runner.run(_run_worker(cfg, args))
-        except (OSError, StorageFailed) as e:
-            print(f"gateway worker {args.index}: cannot start: {e}", file=sys.stderr, flush=True)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

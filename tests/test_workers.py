@@ -27,13 +27,13 @@ WORKERS = 3
 
 
 def worker_pids(gw: GatewayProcess) -> list[int]:
-    """The ingest workers (children of the first worker running gateway.workers)."""
+    """The ingest workers (children of the first worker running gateway.worker_main)."""
     assert gw.proc is not None
     kids = Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split()
     out = []
     for pid in map(int, kids):
         try:
-            if b"gateway.workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"gateway.worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 out.append(pid)
         except OSError:
             pass
