@@ -36,6 +36,9 @@ async def test_retryable_statuses_are_retried_until_delivered(gateway_client: An
     assert [c["messageId"] for c in fake_destination.delivered()] == ["m-1"]
     await fake_destination.wait_quiet()  # longer than the poll of the retries table
     assert len(fake_destination.requests) == 5, "nothing is sent again once delivered"
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 1,
+                      destination="Hook")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_delivered_total", destination="Hook") == 1
     assert sample(ms, "gateway_destination_retried_total", destination="Hook") == 4
@@ -59,6 +62,9 @@ async def test_retry_after_seconds_holds_every_send(gateway_client: Any, fake_de
     await fake_destination.wait_quiet()
     assert len(fake_destination.requests) == 4
     assert sorted(c["messageId"] for c in fake_destination.delivered()) == ["m-0", "m-1", "m-2"]
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 3,
+                      destination="Hook")
     ms = await metrics(client)
     # Only the call that got the 429 was attempted and retried; the others waited.
     assert sample(ms, "gateway_destination_retried_total", destination="Hook") == 1
@@ -89,6 +95,9 @@ async def test_timeout_is_retried(gateway_client: Any, fake_destination: FakeDes
     assert reqs[1].t - sent >= 0.3 and reqs[1].t - reqs[0].t < 2.0
     await wait_until(lambda: fake_destination.delivered(), what="the retry to be answered")
     assert [c["messageId"] for c in fake_destination.delivered()] == ["m-1"]
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 1,
+                      destination="Hook")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_requests_total", destination="Hook", result="network_error") == 1
     assert sample(ms, "gateway_destination_retried_total", destination="Hook") == 1
@@ -158,6 +167,9 @@ async def test_per_item_outcomes(gateway_client: Any, fake_destination: FakeDest
     assert msgspec.json.decode(bad.data)["messageId"] == "bad-1"
     unm = dead["unmappable-1"]
     assert (unm.status, unm.reason, unm.attempts) == (None, "UNMAPPABLE: this API takes no event named Unmappable", 0)
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 3,
+                      destination="Items")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_delivered_total", destination="Items") == 3
     assert sample(ms, "gateway_destination_retried_total", destination="Items") == 1
@@ -258,6 +270,9 @@ async def test_paused_keeps_calls_queued(gateway_client: Any, fake_destination: 
     assert [[i["id"] for i in r.json["items"]] for r in reqs] == [["m-1", "m-2"]] * 3
     assert reqs[2].status == 207
     await wait_metric(client, "gateway_destination_paused", lambda v: v == 0, timeout=1, destination="Items")
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 2,
+                      destination="Items")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_delivered_total", destination="Items") == 2
     assert sample(ms, "gateway_destination_retried_total", destination="Items") == 0
@@ -327,6 +342,9 @@ async def test_backlog_and_oldest_pending_age(gateway_client: Any, fake_destinat
     await wait_until(lambda: len(fake_destination.delivered()) == 6, what="every call")
     await wait_metric(client, "gateway_destination_backlog", lambda v: v == 0, destination="Hook")
     await wait_metric(client, "gateway_destination_oldest_pending_age_seconds", lambda v: v == 0,
+                      destination="Hook")
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 6,
                       destination="Hook")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_delivered_total", destination="Hook") == 6

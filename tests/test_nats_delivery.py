@@ -51,6 +51,9 @@ async def test_retries_honour_backoff_and_retry_after(nats_storage: dict[str, An
     assert all(r.json == reqs[0].json for r in reqs)
     await fake_destination.wait_quiet()
     assert len(fake_destination.requests) == 4, "nothing is sent again once delivered"
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 1,
+                      destination="Hook")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_delivered_total", destination="Hook") == 1
     assert sample(ms, "gateway_destination_retried_total", destination="Hook") == 3
@@ -93,6 +96,9 @@ async def test_a_per_item_failure_touches_only_that_call(nats_storage: dict[str,
     assert (bad.destination, bad.status, bad.reason, bad.attempts) == \
         ("Items", 422, "item 422: email of bad-1 is not an email", 1)
     assert msgspec.json.decode(bad.data)["messageId"] == "bad-1"
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 3,
+                      destination="Items")
     ms = await metrics(client)
     assert sample(ms, "gateway_destination_delivered_total", destination="Items") == 3
     assert sample(ms, "gateway_destination_retried_total", destination="Items") == 1

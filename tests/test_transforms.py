@@ -16,7 +16,7 @@ from gateway.config import ConfigError, TransformConfig
 from gateway.api import Transform
 from gateway.plugins import build_registry, build_transform, make_manager
 from gateway.spool.store import FILE
-from gateway.testing import metrics, sample, send, send_batch, spool_calls, spool_path, track, wait_until, webhook
+from gateway.testing import metrics, sample, send, send_batch, spool_calls, spool_path, track, wait_metric, wait_until, webhook
 
 REGISTRY = build_registry(make_manager())
 
@@ -190,6 +190,9 @@ async def test_drops_are_counted(gateway_client: Any, make_fake_destination: Any
     await wait_until(lambda: len(beta.delivered()) == 3 and len(alpha.delivered()) == 2, what="deliveries")
     assert [c["messageId"] for c in beta.delivered()] == ["a", "b", "i"]
     assert [c["messageId"] for c in alpha.delivered()] == ["a", "i"]
+    # The fake sees a call before the gateway has its answer (and counts it).
+    await wait_metric(client, "gateway_destination_delivered_total", lambda v: v == 2,
+                      destination="Alpha")
     ms = await metrics(client)
     assert sample(ms, "gateway_calls_dropped_total", reason="transform:allow_events") == 3
     assert sample(ms, "gateway_calls_accepted_total", source="web") == 3
