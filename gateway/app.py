@@ -221,12 +221,13 @@ def setup_routes(app: web.Application, handlers: Handlers) -> None:
     r.add_get("/health", h.observed("/health", h.health))
     runtime = app[state.INGEST_WORKER]
     if runtime is not None:  # answered by the first worker, for every worker
-        from gateway.workers import PassToFirst
+        from gateway.workers import FIRST_WORKER_PATHS, PassToFirst
 
         forward = PassToFirst(runtime)
         app.on_cleanup.append(forward.close)
-        for path in ("/ready", "/metrics", "/debugger", "/debugger/{tail:.*}"):
+        for path in FIRST_WORKER_PATHS:
             r.add_route("*", path, forward)
+            r.add_route("*", path + "/{tail:.*}", forward)
         return
     r.add_get("/ready", h.observed("/ready", h.ready))
     r.add_get("/metrics", h.observed("/metrics", h.metrics))
