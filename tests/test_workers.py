@@ -10,6 +10,7 @@ worker is started again; SIGTERM drains every worker and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -216,9 +217,20 @@ async def test_the_debugger_sees_the_calls_of_every_worker(gateway_process: Any,
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
         stream = Stream(resp)
         try:
-            # Each worker looks once a second whether the debugger is watched.
-            await asyncio.sleep(2.5)
+            # Each worker looks once a second whether the debugger is watched: probe
+            # (a connection a call, so every worker gets some) until every probe shows.
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+                rounds = itertools.count()
+
+                async def relayed() -> bool:
+                    ids = [f"probe-{next(rounds)}-{k}" for k in range(9)]
+                    for mid in ids:
+                        async with s.post(gw.url + "/v1/track", headers=AUTH_HEADERS,
+                                          json={"userId": "probe", "event": "P", "messageId": mid}) as r:
+                            assert r.status == 200
+                    await asyncio.sleep(1.5)
+                    return set(ids) <= {r["messageId"] for r in stream.of("accepted", userId="probe")}
+                await wait_until(relayed, what="every worker to relay its records", timeout=30, poll=0)
                 for i in range(30):
                     async with s.post(gw.url + "/v1/track", headers=AUTH_HEADERS,
                                       json={"userId": "dbg", "event": "Seen", "messageId": f"c-902-{i}"}) as r:
