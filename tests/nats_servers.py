@@ -13,7 +13,6 @@ server is stopped at the end.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -272,12 +271,8 @@ async def js_api(servers: Sequence[str], subject: str, body: dict[str, Any] | No
 
 
 async def eventually(check: Any, timeout: float = 10.0, what: str = "condition", poll: float = 0.05) -> Any:
-    """Await ``check()`` (a coroutine function) until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {got!r})")
-        await asyncio.sleep(poll)
+    """Await ``check()`` (a coroutine function) until it returns something true
+    (the kit's one wait, with the argument order these tests use)."""
+    from gateway.testing import wait_until
+
+    return await wait_until(check, what=what, timeout=timeout, poll=poll)
