@@ -28,7 +28,7 @@ from gateway.loop_share import IngestShare
 from gateway.metrics import Counters, registry_for, render
 from gateway.pixels import Pixels
 from gateway.plugins import build
-from gateway.spool import SpoolFull, StorageFailed, spool_for
+from gateway.spool import SpoolFull, StorageFailed, spool_for, spool_problems
 
 if TYPE_CHECKING:
     from gateway.workers import Runtime, WorkerPool
@@ -176,16 +176,7 @@ class Handlers:
         return _json(200, {"status": "ok"})
 
     async def ready(self, request: web.Request) -> web.Response:
-        spool = self.spool
-        problems = []
-        full = spool.room_problem(self.cfg.server.max_event_bytes)
-        if full is not None:
-            problems.append(f"the spool refuses calls: {full}")
-        try:
-            async with asyncio.timeout(2.0):
-                await spool.check_writable()
-        except (StorageFailed, asyncio.TimeoutError) as e:
-            problems.append(f"spool not writable: {e or 'timed out'}")
+        problems = await spool_problems(self.spool, self.cfg.server.max_event_bytes, 2.0)
         if self.pool is not None:
             problems += await self.pool.problems()
         if problems:

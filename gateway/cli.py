@@ -152,11 +152,9 @@ async def _serve(app: "web.Application", host: str, port: int, cfg: Config, quie
         await stop.wait()
         if not quiet:
             print("gateway: stopping: no new connections; finishing requests and sends", flush=True)
-        if pool is not None:
-            # Every worker drains while this one still answers and still commits.
-            await pool.stop(cfg.server.shutdown_timeout + 10)
     finally:
         if pool is not None:
+            # Every worker drains while this one still answers and still commits.
             await pool.stop(cfg.server.shutdown_timeout + 10)
         await runner.cleanup()
         if control is not None:

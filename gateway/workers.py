@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ from aiohttp import web
 
 from gateway.errors import error_body
 from gateway.metrics import Counters
+from gateway.spool import spool_problems
 
 if TYPE_CHECKING:
     from gateway.activity import ActivityFeed
@@ -163,7 +165,7 @@ class WorkerPool:
         self._tasks = [asyncio.create_task(self._keep(i), name=f"worker-{i}") for i in self.procs]
 
     async def _keep(self, index: int) -> None:
-        for attempt in range(1 << 30):
+        for attempt in itertools.count():
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.worker_main", "--config", self.config_path, "--host", self.host,
                 "--port", str(self.port), "--runtime", str(self.runtime.path), "--index", str(index),
@@ -186,7 +188,7 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for proc in self.procs.values():
                 if proc is not None and proc.returncode is None:
                     log.error("a worker did not stop within %.0fs; killing it", timeout)
@@ -326,14 +328,9 @@ def control_app(counters: Counters, spool: "Spool", max_event_bytes: int) -> web
         return web.Response(body=counters_doc(counters), content_type="application/msgpack")
 
     async def ready(request: web.Request) -> web.Response:
-        problem = spool.room_problem(max_event_bytes)
-        if problem is None:
-            try:
-                async with asyncio.timeout(ASK_TIMEOUT / 2):
-                    await spool.check_writable()
-            except Exception as e:  # noqa: BLE001 - StorageFailed, a timeout: both are not ready
-                problem = f"spool not writable: {e or 'timed out'}"
-        return web.Response(status=503 if problem else 200, text=problem or "ready")
+        # within the first worker's wait for this answer
+        problems = await spool_problems(spool, max_event_bytes, ASK_TIMEOUT / 2)
+        return web.Response(status=503 if problems else 200, text="; ".join(problems) or "ready")
 
     control = web.Application()
     control.router.add_get("/counters", get_counters)

@@ -12,6 +12,7 @@ dead letters and replays).  nats-py is imported only by that backend.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from gateway.config import DestinationConfig, StorageConfig
@@ -40,6 +41,22 @@ def spool_for(storage: StorageConfig, on_commit: Callable[[float], None] = lambd
 
     return SqliteSpool(storage.path, int(storage.max_bytes), on_commit, float(storage.dedup_window),
                        int(storage.min_free_bytes), listener, writer_address)
+
+
+async def spool_problems(spool: Spool, size: int, timeout: float) -> list[str]:
+    """Why the spool cannot take a call of ``size`` bytes now, one line each
+    (``/ready``): it refuses calls, or its store does not take a write
+    within ``timeout`` seconds."""
+    problems = []
+    full = spool.room_problem(size)
+    if full is not None:
+        problems.append(f"the spool refuses calls: {full}")
+    try:
+        async with asyncio.timeout(timeout):
+            await spool.check_writable()
+    except (StorageFailed, asyncio.TimeoutError) as e:
+        problems.append(f"spool not writable: {e or 'timed out'}")
+    return problems
 
 
 def open_dead_letters(storage: StorageConfig) -> DeadLetterStore:
@@ -77,4 +94,4 @@ def describe(storage: StorageConfig) -> str:
 
 
 __all__ = ["CallArchive", "ReplayFilter", "ReplayResult", "open_archive", "Ack", "DeadLetter", "DeadLetterStore", "Pending", "Record", "Spool", "SpoolFull", "StorageFailed",
-           "describe", "open_dead_letters", "spool_for"]
+           "describe", "open_dead_letters", "spool_for", "spool_problems"]

@@ -39,7 +39,7 @@ import logging
 import secrets
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import msgspec
@@ -468,25 +468,22 @@ class NatsSpool:
                         left_out.append(i)
                     seen.add(mid)
         skip = set(left_out)
-        jobs = []
+        #: the indexes of the rows of each message, and the job that publishes it
+        messages: list[tuple[list[int], Awaitable[list[int] | None]]] = []
         for start, end in self._chunks(rows, BATCH_IDS if dedup else MESSAGE_CALLS):
             mine = [i for i in range(start, end) if i not in skip]
             h = {**headers, "Nats-Msg-Id": f"{self._instance}-{next(self._ids)}"}
-            if dedup:
-                jobs.append(self._publish_deduplicated(subject, [rows[i] for i in mine], [ids[i] for i in mine], h))
-            else:
-                jobs.append(self._publish(subject, b"\n".join(rows[start:end]), h))
-        results = await asyncio.gather(*jobs, return_exceptions=True) if len(jobs) > 1 else [await jobs[0]]
+            job = (self._publish_deduplicated(subject, [rows[i] for i in mine], [ids[i] for i in mine], h) if dedup
+                   else self._publish(subject, b"\n".join(rows[start:end]), h))
+            messages.append((mine, job))
+        results = await asyncio.gather(*(job for _, job in messages), return_exceptions=True) \
+            if len(messages) > 1 else [await messages[0][1]]
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        if dedup:
-            chunks = list(self._chunks(rows, BATCH_IDS))
-            for (start, end), dups in zip(chunks, results):
-                mine = [i for i in range(start, end) if i not in skip]
-                left_out += [mine[k] for k in dups]  # type: ignore[union-attr]
-            left_out.sort()
-        return left_out
+        for (mine, _), dups in zip(messages, results):
+            left_out += [mine[k] for k in dups or ()]  # type: ignore[union-attr]
+        return sorted(left_out)
 
     def id_subject(self, message_id: str) -> str:
         """The subject of a stored messageId's marker (a hash: any string is an id)."""
@@ -515,7 +512,9 @@ class NatsSpool:
         dups: set[int] = set()
         end = time.monotonic() + APPEND_DEADLINE
         why = "no acknowledgement"
-        for attempt in itertools.count():
+        attempt = -1
+        while True:
+            attempt += 1
             left = end - time.monotonic()
             if left <= 0:
                 raise StorageFailed(f"the stream did not store the calls: {why}")
@@ -561,12 +560,11 @@ class NatsSpool:
             if key in found.values():
                 self._stored(time.perf_counter() - started)
                 return sorted(dups)
-            new = {i for i, subj in zip(keep, (subjects[i] for i in keep)) if subj is not None and subj in found}
+            new = {i for i in keep if subjects[i] in found}
             if not new and err.get("err_code") is not None:
                 why = f"the stream refused the batch: {err.get('description')} (error {err.get('err_code')})"
                 await asyncio.sleep(min(0.05 * (attempt + 1), max(0.0, end - time.monotonic())))
             dups |= new
-        raise AssertionError("unreachable")
 
     async def _markers(self, subjects: list[str | None]) -> dict[str, bytes]:
         """The markers that exist among ``subjects``: subject -> the key of the group that stored it."""

@@ -106,10 +106,10 @@ class SqliteSpool:
         self.dir = Path(path)
         self.file = self.dir / FILE
         self.max_bytes = max_bytes
-        #: bytes of stored calls and their separators (a row's length + 1),
-        #: pending appends included
-        self.bytes = 0
-        self._inflight = 0  # bytes of appends sent and not answered yet
+        #: bytes of stored calls and their separators (a row's length + 1), as
+        #: the writer's last answer counted them, and of appends not answered yet
+        self._stored_bytes = 0
+        self._inflight = 0
         self.rows = 0  # calls stored
         self.last_seq = 0
         #: called with each group commit's duration (metrics)
@@ -139,6 +139,11 @@ class SqliteSpool:
         #: instead of starting a writer of their own
         self._listener = listener
         self._writer_address = writer_address
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of calls held (a separator each), pending appends included."""
+        return self._stored_bytes + self._inflight
 
     @property
     def writer_pid(self) -> int | None:
@@ -224,7 +229,7 @@ class SqliteSpool:
         return link, opened
 
     def _opened(self, link: _Link, opened: w.Opened) -> None:
-        self.rows, self.bytes = opened.rows, opened.bytes + self._inflight
+        self.rows, self._stored_bytes = opened.rows, opened.bytes
         self.last_seq = max(self.last_seq, opened.last)
         self._link = link
 
@@ -317,7 +322,7 @@ class SqliteSpool:
 
     def _committed(self, group: w.Committed) -> None:
         self.on_commit(group.seconds)
-        self.rows, self.bytes = group.rows, group.bytes + self._inflight
+        self.rows, self._stored_bytes = group.rows, group.bytes
         for reply in group.replies:
             fut = self._waiting.pop(reply.id, None)
             if fut is None or fut.done():
@@ -363,15 +368,12 @@ class SqliteSpool:
         if not self._flush_queued:
             self._flush_queued = True
             self._loop.call_soon(self._flush)
-        self.bytes += size
         self._inflight += size
         self.room.took(size)
         try:
             left_out = await waiter
         finally:
-            # The answer's totals (set before this resumes) count what was stored.
-            self._inflight -= size
-            self.bytes -= size
+            self._inflight -= size  # the answer's totals (set before this resumes) count what was stored
         return len(left_out)
 
     def _flush(self) -> None:

@@ -296,16 +296,13 @@ def serve(sock: socket.socket, file: Path, listener: socket.socket | None = None
                     _welcome(listener, conn, kept, peers, poller)
                     continue
                 peer = peers[fd]
-                try:
-                    reqs = peer.take(peer.sock.recv(RECV))
-                except (ConnectionResetError, OSError):
-                    peer.eof, reqs = True, []
-                while not peer.eof:  # and whatever else came while the last group ran
+                reqs: list[Request] = []
+                while not peer.eof:  # all it sent, also while the last group ran
                     try:
                         reqs += peer.take(peer.sock.recv(RECV, socket.MSG_DONTWAIT))
                     except BlockingIOError:
                         break
-                    except (ConnectionResetError, OSError):
+                    except OSError:  # reset: a worker that died
                         peer.eof = True
                 if reqs:
                     got.append((peer, reqs))
