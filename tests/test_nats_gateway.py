@@ -155,7 +155,13 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
         info = await js_api(nats_cluster.urls, f"CONSUMER.LIST.{stream}_CALLS")
         raise AssertionError(f"{e}; g2: {[x for x in text.splitlines() if 'nats' in x and not x.startswith('#')]}; "
                              f"consumers: {info}; g2's log: {g2.log_tail(4000)}") from None
-    after_kill = set(calls_of(fake.requests, g2_path, after=killed_g1_at))
+    # One the fake answered after g1 died counts as delivered above; g2 sends it again once
+    # g1's lease runs out (the ack wait), which can come later still: wait for that too.
+    def via_g2() -> set[str]:
+        return set(calls_of(fake.requests, g2_path, after=killed_g1_at))
+    await wait_until(lambda: in_flight <= via_g2(), timeout=40, what="g1's calls in flight to come through g2",
+                     seen=lambda: f"{len(in_flight - via_g2())} not yet")
+    after_kill = via_g2()
     assert in_flight <= after_kill, "g1's calls in flight reached the destination through g2"
     got = Counter(c["messageId"] for c in fake.delivered())
     print(f"\nacked {len(want)}, statuses {dict(load.statuses)}, g1 in flight at its kill {len(in_flight)}, "
