@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import msgspec
 
 from gateway import config as config_mod
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, StorageConfig
 
 if TYPE_CHECKING:
     import asyncio
@@ -34,6 +34,15 @@ _pretty = msgspec.json.format
 
 def _load(path: str) -> Config:
     return config_mod.load(path)
+
+
+def spool_limits(st: StorageConfig) -> str:
+    """The spool's limits as the banner and ``gateway check`` print them."""
+    from gateway.units import human_duration, human_size
+
+    retention = human_duration(st.retention) if st.retention > 0 else "none (purged once delivered)"
+    dedup = human_duration(st.dedup_window) if st.dedup_window > 0 else "off"
+    return f"max {human_size(st.max_bytes)}, retention {retention}, dedup window {dedup}"
 
 
 def version() -> str:
@@ -77,12 +86,9 @@ def banner(cfg: Config, host: str, port: int, workers: int = 1) -> str:
     if not cfg.destinations:
         lines.append("    (none: calls are stored and kept)")
     st = cfg.storage
-    dedup = human_duration(st.dedup_window) if st.dedup_window > 0 else "off"
     from gateway.spool import describe
 
-    where = describe(st)
-    lines.append(f"  spool: {st.backend} at {where} (max {human_size(st.max_bytes)}, retention "
-                 f"{human_duration(st.retention)}, dedup window {dedup})")
+    lines.append(f"  spool: {st.backend} at {describe(st)} ({spool_limits(st)})")
     admin = cfg.server.admin
     if admin is not None:
         lines.append(f"  debugger: {base}/debugger (user {admin.user})")
@@ -214,9 +220,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"config {args.config}: OK")
     from gateway.spool import describe
 
-    print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {describe(st)} "
-          f"(max {human_size(st.max_bytes)}, retention {human_duration(st.retention)}, dedup window "
-          f"{human_duration(st.dedup_window) if st.dedup_window > 0 else 'off'})")
+    print(f"server: http://{cfg.server.host}:{cfg.server.port}  spool: {describe(st)} ({spool_limits(st)})")
     print(f"limits: {human_size(cfg.server.max_event_bytes)} a call, {human_size(cfg.server.max_batch_bytes)} "
           "a batch request")
     print("sources:")

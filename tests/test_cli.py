@@ -82,7 +82,7 @@ async def test_check_prints_human_sizes(tmp_path: Path) -> None:
                                   server={"max_event_bytes": "64KiB"}))
     r = await gateway_cli("check", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
-    assert "(max 10 GiB, retention 0s, dedup window 1h30m)" in r.stdout
+    assert "(max 10 GiB, retention none (purged once delivered), dedup window 1h30m)" in r.stdout
     assert "limits: 64 KiB a call, 1 MiB a batch request" in r.stdout
     assert "10737418240" not in r.stdout
 
