@@ -58,7 +58,6 @@ def banner(cfg: Config, host: str, port: int, workers: int = 1) -> str:
     """What ``gateway serve`` serves, on one screen."""
     from gateway.cli_output import mask_key
     from gateway.config import strict_for
-    from gateway.units import human_duration, human_size
 
     tls = cfg.server.tls
     scheme = "https" if tls else "http"
@@ -212,7 +211,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from gateway.plugins import build
 
     from gateway.config import strict_for
-    from gateway.units import human_duration, human_size
+    from gateway.units import human_size
 
     cfg = _load(args.config)
     built = build(cfg)
