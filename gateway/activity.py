@@ -85,11 +85,9 @@ class ActivityFeed:
         self.watched = bool(self.watchers)
 
     def publish(self, kind: str, **fields: Any) -> None:
-        """One record; callers check ``watched`` first when building it costs."""
+        """One record, made now unless ``at`` is among the fields; callers check
+        ``watched`` first when building it costs."""
         record = {"kind": kind, "at": time.time(), **fields}
-        if record.get("next_attempt") is not None and record["next_attempt"] < record["at"]:
-            # A hold that ended before the record was made: the next attempt is now.
-            record["next_attempt"] = record["at"]
         for w in self.watchers:
             w.offer(record)
 

@@ -141,5 +141,7 @@ class Recorder:
 
     def _retried(self, it: Item, reason: str, status: int | None, body: str, next_at: float) -> None:
         if self.feed.watched:
+            # A hold that is already over means the next attempt is now, never before the record.
+            at = time.time()
             self.feed.call_record("retried", it.data, destination=self.name, source=it.source, reason=reason,
-                                  status=status, excerpt=body[:BODY_EXCERPT], next_attempt=next_at)
+                                  status=status, excerpt=body[:BODY_EXCERPT], at=at, next_attempt=max(next_at, at))
