@@ -835,7 +835,10 @@ class NatsSpool:
                 if e.code != 404:
                     raise
         removed = 0
-        if upto > int(state["first_seq"]) and int(state["messages"]):
+        # A consumer of this process's own that is not listed (being made again, or not
+        # reachable) holds the purge back until it is, or its calls would go with the rest.
+        listed = {names.consumer(n) for n in destinations} <= self._infos.keys()
+        if listed and upto > int(state["first_seq"]) and int(state["messages"]):
             # The calls only: a messageId's marker goes when its dedup window is over (its TTL).
             removed = int((await js.call(f"STREAM.PURGE.{names.calls}",
                                          {"seq": upto, "filter": names.calls_subject})).get("purged", 0))

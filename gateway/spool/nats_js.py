@@ -224,10 +224,15 @@ class Js:
         return dict(await self.call(f"CONSUMER.CREATE.{stream}.{cfg['name']}", {"stream_name": stream, "config": cfg}))
 
     async def consumers(self, stream: str) -> list[dict[str, Any]]:
-        """Every consumer of a stream, with its state."""
+        """Every consumer of a stream, with its state.  StorageFailed when the
+        server could not reach some of them (during an election it lists the
+        others and names these ``missing``): a partial list must not decide a
+        purge."""
         out: list[dict[str, Any]] = []
         while True:
             page = await self.call(f"CONSUMER.LIST.{stream}", {"offset": len(out)})
+            if page.get("missing"):
+                raise StorageFailed(f"the consumers {', '.join(page['missing'])} of {stream} did not answer")
             got = page.get("consumers") or []
             out.extend(got)
             if not got or len(out) >= int(page.get("total", 0)):
