@@ -13,8 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.testing import AUTH_HEADERS, metrics, post, sample, send, send_batch, spool_calls, spool_query, \
-    track, wait_until
+from gateway.spool.message_ids import recorded
+from gateway.testing import AUTH_HEADERS, metrics, post, sample, send, send_batch, spool_calls, spool_path, \
+    spool_query, track, wait_until
 
 KEEP = {"retention": 3600}  # what was stored stays in the spool for the test to read
 
@@ -70,7 +71,7 @@ async def test_calls_without_a_message_id_are_never_deduplicated(gateway_client:
     await send_batch(client, [{**call, "type": "track"}] * 2)
     got = stored_ids(tmp_path)
     assert len(got) == 5 and len(set(got)) == 5, "each got an id of its own"
-    assert spool_query(tmp_path, "SELECT count(*) FROM message_ids") == [(0,)], "generated ids are not recorded"
+    assert recorded(spool_path(tmp_path)) == 0, "generated ids are not recorded"
 
 
 async def test_a_window_of_0_switches_it_off(gateway_client: Any, tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ async def test_past_the_window_an_id_is_stored_again_and_forgotten(gateway_clien
     await send(client, track("m-1"))
     assert stored_ids(tmp_path) == ["m-1", "m-1"], "stored again once the window has passed"
     # The housekeeping loop (every 2 s) forgets ids past the window: memory and disk stay bounded.
-    await wait_until(lambda: spool_query(tmp_path, "SELECT count(*) FROM message_ids") == [(0,)],
+    await wait_until(lambda: recorded(spool_path(tmp_path)) == 0,
                      what="the expired messageId to be purged", timeout=8)
 
 
@@ -129,3 +130,40 @@ async def test_resent_after_a_kill_every_call_is_stored_exactly_once(gateway_pro
     assert set(resent.values()) == {200}
     ids = stored_ids(tmp_path)
     assert sorted(ids) == sorted(c["messageId"] for c in calls), "every call once, none twice, none lost"
+
+
+async def test_ids_stay_known_after_the_log_moves_to_the_index(gateway_client: Any, tmp_path: Path) -> None:
+    """Claimed ids go to a log in the commit of their calls, then to an index
+    (gateway/spool/message_ids.py) and out of the log: ids claimed after the
+    log was emptied are still known once indexed, and repeats stay out."""
+    client = await gateway_client(storage=KEEP)
+    log = "SELECT count(*) FROM message_id_log"
+    for round_ in range(3):
+        await send_batch(client, [track(f"r{round_}-{i}") for i in range(50)])
+        # Indexed (a quarter of a second) and removed from the log (housekeeping, every 2 s).
+        await wait_until(lambda: spool_query(tmp_path, log) == [(0,)], what="the log to be indexed", timeout=10)
+    assert recorded(spool_path(tmp_path)) == 150
+    await send_batch(client, [track(f"r{r}-{i}") for r in range(3) for i in (0, 49)])
+    assert len(stored_ids(tmp_path)) == 150
+    assert sample(await metrics(client), "gateway_calls_deduplicated_total", source="web") == 6
+
+
+async def test_ids_recorded_by_the_version_before_are_kept(gateway_client: Any, tmp_path: Path) -> None:
+    """Spools written before the log and the index kept ids in one table
+    (``message_ids``); the writer moves them into the log when it opens the spool."""
+    import time
+
+    from gateway.spool.store import FILE, connect
+    spool_path(tmp_path).mkdir(parents=True)
+    conn = connect(spool_path(tmp_path) / FILE)
+    conn.executescript("CREATE TABLE message_ids (id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;"
+                       "CREATE INDEX message_ids_by_time ON message_ids (at);")
+    now = time.time()
+    conn.executemany("INSERT INTO message_ids VALUES (?, ?)",
+                     [("old-1", now - 60), ("old-2", now - 3600), ("expired", now - 2 * 86400)])
+    conn.close()
+    client = await gateway_client(storage=KEEP)
+    await send_batch(client, [track("old-1"), track("old-2"), track("expired"), track("new")])
+    assert stored_ids(tmp_path) == ["expired", "new"], "ids stored within the window stay out"
+    tables = {r[0] for r in spool_query(tmp_path, "SELECT name FROM sqlite_master")}
+    assert "message_ids" not in tables and "message_ids_by_time" not in tables

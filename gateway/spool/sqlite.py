@@ -31,7 +31,7 @@ from gateway.spool import writer as w
 from gateway.spool.disk_room import DiskRoom
 from gateway.spool.records import Ack, Pending, Record, SpoolFull, StorageFailed
 from gateway.spool.sqlite_reads import SplitCache, read_after
-from gateway.spool.store import FILE, PURGE_IDS, ROW_CALLS, SPAN, Row, connect, segments
+from gateway.spool.store import FILE, ROW_CALLS, SPAN, Row, connect, segments
 
 log = logging.getLogger(__name__)
 
@@ -482,8 +482,7 @@ class SqliteSpool:
             n, size, more = await self.submit(lambda i: w.Purge(i, destinations, retention))
             removed += n  # the answer's totals count it
         if self.dedup_window > 0:
-            while await self.submit(lambda i: w.PurgeIds(i, self.dedup_window)) >= PURGE_IDS:
-                pass
+            await self.submit(lambda i: w.PurgeIds(i, self.dedup_window))
         return removed
 
     async def check_writable(self) -> None:

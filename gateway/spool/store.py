@@ -61,11 +61,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_by_destination ON dead_letters (destination, id);
 CREATE INDEX IF NOT EXISTS dead_by_message ON dead_letters (message_id);
-CREATE TABLE IF NOT EXISTS message_ids (
-    id TEXT PRIMARY KEY,
-    at REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS message_ids_by_time ON message_ids (at);
 """
 
 SPAN = 1 << 20  # positions per row
@@ -82,8 +77,6 @@ FILE = "spool.sqlite3"
 WAL_LIMIT_SHARE, WAL_LIMIT_MIN, WAL_LIMIT_MAX = 1 / 32, 1 << 20, 256 << 20
 #: a row to insert: (source, received, count, data)
 Row = tuple[str, float, int, bytes]
-IDS_PER_STATEMENT = 1000  # messageIds claimed by one INSERT ... RETURNING
-PURGE_IDS = 5000  # expired messageIds deleted a step
 
 
 def wal_size_limit(path: Path) -> int:
@@ -130,39 +123,6 @@ def segments(source: str, calls: list[bytes], received: float) -> list[Row]:
     """The rows that hold ``calls`` of one source: ROW_CALLS calls a row at most."""
     return [(source, received, len(part), b"\n".join(part))
             for part in (calls[i:i + ROW_CALLS] for i in range(0, len(calls), ROW_CALLS))]
-
-
-def claim_ids(conn: sqlite3.Connection, ids: list[str | None], now: float, window: float) -> list[int]:
-    """Record the messageIds of calls about to be stored; returns the indexes
-    of those already stored within ``window`` seconds (or earlier in ``ids``),
-    which must not be stored again.  In the transaction of the insert, so an
-    id is claimed exactly when its call is stored."""
-    wanted = [(i, mid) for i, mid in enumerate(ids) if mid is not None]
-    claimed: set[str] = set()
-    for k in range(0, len(wanted), IDS_PER_STATEMENT):
-        chunk = wanted[k:k + IDS_PER_STATEMENT]
-        # An id is returned when it is new or its entry has expired: the
-        # upsert's WHERE leaves a live entry alone, and returns nothing for it.
-        sql = ("INSERT INTO message_ids (id, at) VALUES " + ", ".join(["(?, ?)"] * len(chunk)) +
-               " ON CONFLICT(id) DO UPDATE SET at = excluded.at WHERE message_ids.at < ? RETURNING id")
-        args: list[object] = [v for _, mid in chunk for v in (mid, now)]
-        args.append(now - window)
-        claimed.update(r[0] for r in conn.execute(sql, args).fetchall())
-    duplicates = []
-    for i, mid in wanted:
-        if mid in claimed:
-            claimed.discard(mid)  # the first call with the id is stored, the others are not
-        else:
-            duplicates.append(i)
-    return duplicates
-
-
-def purge_ids(conn: sqlite3.Connection, window: float) -> int:
-    """Forget messageIds stored longer ago than the window, a step at a time."""
-    cur = conn.execute("DELETE FROM message_ids WHERE id IN "
-                       "(SELECT id FROM message_ids WHERE at < ? ORDER BY at LIMIT ?)",
-                       (time.time() - window, PURGE_IDS))
-    return cur.rowcount
 
 
 def insert(conn: sqlite3.Connection, rows: list[Row]) -> int:

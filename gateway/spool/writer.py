@@ -34,10 +34,9 @@ from typing import Any
 
 import msgspec
 
+from gateway.spool.message_ids import MessageIds
 from gateway.spool.records import Ack
-from gateway.spool.store import (
-    END, Row, apply_ack, claim_ids, connect, cursor_of, insert, purge_ids, purge_step, rollback, totals,
-)
+from gateway.spool.store import END, Row, apply_ack, connect, cursor_of, insert, purge_step, rollback, totals
 
 HEADER = struct.Struct("<I")
 CHECKPOINT_EVERY = 0.5  # seconds between passive WAL checkpoints
@@ -145,33 +144,40 @@ class Frames:
         return out
 
 
-def _insert_new(conn: sqlite3.Connection, req: Insert) -> tuple[tuple[int, list[list[int]]], list[Row]]:
-    """Insert rows without the calls whose messageId is already stored."""
-    now = time.time()
+def _insert_new(conn: sqlite3.Connection, known: MessageIds,
+                req: Insert) -> tuple[tuple[int, list[list[int]]], list[Row]]:
+    """Insert rows without the calls whose messageId is already stored (the
+    ids of all rows claimed at once: one lookup and one log row a request)."""
+    dups = iter(known.claim([mid for ids in req.ids for mid in ids], time.time(), req.window))
     rows: list[Row] = []
     left_out: list[list[int]] = []
+    at, dup = 0, next(dups, None)
     for row, ids in zip(req.rows, req.ids):
-        dups = claim_ids(conn, ids, now, req.window) if ids else []
-        left_out.append(dups)
-        if not dups:
+        mine: list[int] = []
+        while dup is not None and dup < at + len(ids):
+            mine.append(dup - at)
+            dup = next(dups, None)
+        at += len(ids)
+        left_out.append(mine)
+        if not mine:
             rows.append(row)
-        elif len(dups) < row[2]:
-            skip = set(dups)
+        elif len(mine) < row[2]:
+            skip = set(mine)
             calls = [c for i, c in enumerate(row[3].split(b"\n")) if i not in skip]
             rows.append((row[0], row[1], len(calls), b"\n".join(calls)))
     return ((insert(conn, rows) if rows else 0), left_out), rows
 
 
-def run(conn: sqlite3.Connection, req: Request) -> tuple[Any, int, int]:
+def run(conn: sqlite3.Connection, known: MessageIds, req: Request) -> tuple[Any, int, int]:
     """A request's result, and the calls and bytes it added to the spool (negative: removed)."""
     if isinstance(req, Insert):
         if req.ids:
-            result, rows = _insert_new(conn, req)
+            result, rows = _insert_new(conn, known, req)
         else:
             result, rows = (insert(conn, req.rows), []), req.rows
         return result, sum(r[2] for r in rows), sum(len(r[3]) + 1 for r in rows)
     if isinstance(req, PurgeIds):
-        return purge_ids(conn, req.window), 0, 0
+        return known.purge(), 0, 0
     if isinstance(req, Cursor):
         return cursor_of(conn, req.destination), 0, 0
     if isinstance(req, Acked):
@@ -187,14 +193,16 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _transaction(conn: sqlite3.Connection, reqs: list[Request]) -> list[tuple[Any, int, int]]:
+def _transaction(conn: sqlite3.Connection, known: MessageIds, reqs: list[Request]) -> list[tuple[Any, int, int]]:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        results = [run(conn, r) for r in reqs]
+        results = [run(conn, known, r) for r in reqs]
         conn.execute("COMMIT")
     except BaseException:
         rollback(conn)
+        known.rolled_back()
         raise
+    known.committed()
     return results
 
 
@@ -210,12 +218,12 @@ class Totals:
         return result[0]
 
 
-def run_group(conn: sqlite3.Connection, reqs: list[Request], totals: Totals) -> Committed:
+def run_group(conn: sqlite3.Connection, known: MessageIds, reqs: list[Request], totals: Totals) -> Committed:
     """One transaction for all; if it fails, each on its own, so one bad
     request does not fail its neighbours."""
     started = time.perf_counter()
     try:
-        replies = [Reply(r.id, None, totals.add(res)) for r, res in zip(reqs, _transaction(conn, reqs))]
+        replies = [Reply(r.id, None, totals.add(res)) for r, res in zip(reqs, _transaction(conn, known, reqs))]
     except Exception as exc:  # noqa: BLE001 - any storage error is the server's 503, never a 200
         if len(reqs) == 1:
             replies = [Reply(reqs[0].id, _why(exc), None)]
@@ -223,7 +231,7 @@ def run_group(conn: sqlite3.Connection, reqs: list[Request], totals: Totals) -> 
             replies = []
             for r in reqs:
                 try:
-                    replies.append(Reply(r.id, None, totals.add(_transaction(conn, [r])[0])))
+                    replies.append(Reply(r.id, None, totals.add(_transaction(conn, known, [r])[0])))
                 except Exception as e:  # noqa: BLE001
                     replies.append(Reply(r.id, _why(e), None))
     last = max((rep.result[0] for r, rep in zip(reqs, replies) if isinstance(r, Insert) and rep.error is None),
@@ -274,9 +282,11 @@ def serve(sock: socket.socket, file: Path, listener: socket.socket | None = None
         conn = connect(file)
         conn.execute("PRAGMA wal_autocheckpoint=0")
         rows, size, last = totals(conn)
+        known = MessageIds(conn, file)
     except (OSError, sqlite3.Error) as e:
         sock.sendall(frame(Opened(error=f"cannot open the spool at {file}: {e}")))
         return
+    known.start()
     kept = Totals(rows, size)
     sock.sendall(frame(Opened(None, rows, size, last)))
     stop = threading.Event()
@@ -307,7 +317,7 @@ def serve(sock: socket.socket, file: Path, listener: socket.socket | None = None
                 if reqs:
                     got.append((peer, reqs))
             if got:
-                group = run_group(conn, [r for _, reqs in got for r in reqs], kept)
+                group = run_group(conn, known, [r for _, reqs in got for r in reqs], kept)
                 at = 0
                 for peer, reqs in got:
                     mine = Committed(group.seconds, group.replies[at:at + len(reqs)], group.last,
@@ -332,6 +342,7 @@ def serve(sock: socket.socket, file: Path, listener: socket.socket | None = None
     finally:
         stop.set()
         checkpointer.join()
+        known.close()
         for peer in peers.values():
             if peer is not server:
                 peer.sock.close()
