@@ -129,16 +129,34 @@ class Proc:
     def pid(self) -> int:
         return self.p.pid
 
-    def rss_mb(self) -> float:
-        """Resident memory of the server and its children (the spool writer)."""
+    def _tree(self) -> list[int]:
+        """The server and its children (the spool writer, other workers)."""
         pids = [self.p.pid]
         for pid in pids:  # grows as children are found
             try:
                 pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
             except OSError:
                 pass
+        return pids
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user and system) so far of the spool writer and of the rest of the tree."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {"server": 0.0, "writer": 0.0}
+        for pid in self._tree():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            out["writer" if b"gateway.spool.writer" in cmd else "server"] += (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and its children (the spool writer)."""
         total = 0
-        for pid in pids:
+        for pid in self._tree():
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:

@@ -64,10 +64,13 @@ def measure(a: argparse.Namespace, tmp: Path) -> int:
     try:
         warm = run_wrk(f"http://127.0.0.1:{port}", single, 2, a.connections, a.threads)
         wait_drained(port, "Archive", 120)
+        cpu = [gw.cpu_seconds()]
         g1 = run_wrk(f"http://127.0.0.1:{port}", single, **load)
         wait_drained(port, "Archive", 120)
+        cpu.append(gw.cpu_seconds())
         g100 = run_wrk(f"http://127.0.0.1:{port}", batch, **load)
         drain = wait_drained(port, "Archive", 300)
+        cpu.append(gw.cpu_seconds())
         rss = gw.rss_mb()
     finally:
         code = gw.stop()
@@ -108,6 +111,12 @@ def measure(a: argparse.Namespace, tmp: Path) -> int:
           f"{RUDDERSTACK_PER_CORE:,.0f} (3,000 events/s on 8 cores): x{per_core / RUDDERSTACK_PER_CORE:.0f}")
     print(f"non-2xx answers: {int(g1['non2xx'] + g100['non2xx'] + warm['non2xx'])}, socket errors: "
           f"{int(g1['socket_errors'] + g100['socket_errors'])}")
+    # CPU a call, stored and delivered (the phase's load and its drain): steadier than rates here.
+    phases = ((cpu[0], cpu[1], g1["requests"]), (cpu[1], cpu[2], g100["requests"] * BATCH))
+    per_call = [{k: (after[k] - before[k]) / calls * 1e6 for k in after} for before, after, calls in phases]
+    print("gateway CPU a call (stored and delivered), us: " + "; ".join(
+        f"{name}: server {c['server']:.1f}, spool writer {c['writer']:.1f}"
+        for name, c in zip(("single", "batches"), per_call)))
     ok = len(ids) >= acked
     print(f"check: {int(acked):,} calls answered 200, {delivered:,} delivered to the file destination "
           f"({len(ids):,} distinct messageIds; {drain:.1f}s to drain after the load): "
