@@ -29,6 +29,8 @@ from pathlib import Path
 
 import msgspec
 
+from gateway.spool.store import FILE as SPOOL, wal_size_limit
+
 LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS message_id_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused once purged: the indexer's mark is a seq
@@ -63,6 +65,7 @@ def connect_index(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # log rows are deleted once here: this must survive power loss
+    conn.execute(f"PRAGMA journal_size_limit={wal_size_limit(path)}")  # as the spool's, after a burst
     conn.executescript(INDEX_SCHEMA)
     return conn
 
@@ -305,7 +308,6 @@ def recorded(directory: Path) -> int:
         finally:
             conn.close()
 
-    from gateway.spool.store import FILE as SPOOL
     logged = read(directory / SPOOL, "SELECT coalesce(sum(json_array_length(ids)), 0) FROM message_id_log")
     total = int(logged[0][0]) if logged else 0
     for (name,) in read(directory / FILE, "SELECT name FROM spans"):
