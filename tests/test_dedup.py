@@ -140,7 +140,7 @@ async def test_ids_stay_known_after_the_log_moves_to_the_index(gateway_client: A
     log = "SELECT count(*) FROM message_id_log"
     for round_ in range(3):
         await send_batch(client, [track(f"r{round_}-{i}") for i in range(50)])
-        # Indexed (a quarter of a second) and removed from the log (housekeeping, every 2 s).
+        # Indexed (every second) and removed from the log (housekeeping, every 2 s).
         await wait_until(lambda: spool_query(tmp_path, log) == [(0,)], what="the log to be indexed", timeout=10)
     assert recorded(spool_path(tmp_path)) == 150
     await send_batch(client, [track(f"r{r}-{i}") for r in range(3) for i in (0, 49)])

@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS indexed (
 );
 """
 FILE = "spool-ids.sqlite3"
-INDEX_EVERY = 0.25  # seconds between the indexer's turns
+INDEX_EVERY = 1.0  # seconds between the indexer's turns: more ids a transaction cost less each
 DROP_AFTER = 1.0  # a span is dropped this long after its last id left the window (lookups skip it before)
 ID_BATCH = 1000  # ids a lookup statement
 
@@ -123,6 +123,9 @@ class Indexer:
                     conn.execute(f"INSERT INTO \"{name}\" (id, at) SELECT j.value, l.at "
                                  "FROM spool.message_id_log AS l, json_each(l.ids) AS j "
                                  "WHERE l.seq > ?1 AND l.seq <= ?2 AND l.at >= ?3 AND l.at < ?4 "
+                                 # In key order: each page of the index is then visited once a
+                                 # step, not once an id (a third of the CPU at 100,000 ids a step).
+                                 "ORDER BY j.value "
                                  "ON CONFLICT(id) DO UPDATE SET at = max(at, excluded.at)",
                                  (self.done, upto, start, until))
                 conn.execute("INSERT INTO indexed (one, seq) VALUES (1, ?) "
