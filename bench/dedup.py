@@ -77,7 +77,7 @@ def this_design(directory: Path, fill: int, groups: int) -> tuple[dict[int, tupl
         conn.execute("COMMIT")
         known.indexer.step()
     conn.execute("BEGIN")
-    known.purge()
+    known.purge(WINDOW)
     conn.execute("COMMIT")
     out = {}
     for size in GROUPS:

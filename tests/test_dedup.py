@@ -167,3 +167,20 @@ async def test_ids_recorded_by_the_version_before_are_kept(gateway_client: Any, 
     assert stored_ids(tmp_path) == ["expired", "new"], "ids stored within the window stay out"
     tables = {r[0] for r in spool_query(tmp_path, "SELECT name FROM sqlite_master")}
     assert "message_ids" not in tables and "message_ids_by_time" not in tables
+
+
+async def test_an_idle_gateway_forgets_ids_past_the_window(gateway_process: Any, tmp_path: Path) -> None:
+    """Housekeeping tells the writer the window, so a gateway restarted
+    without a single call since still drops the ids gone past it."""
+    storage = {**KEEP, "dedup_window": "1s"}
+    gw = await gateway_process(storage=storage)
+    answered: dict[str, int] = {}
+    await _post_all(gw.url, [track("before-restart")], answered)
+    assert answered == {"before-restart": 200}
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGTERM)
+    await asyncio.get_running_loop().run_in_executor(None, gw.proc.wait, 30)
+    assert recorded(spool_path(tmp_path)) == 1
+    await gateway_process(storage=storage)  # the same spool; no call is sent to it
+    await wait_until(lambda: recorded(spool_path(tmp_path)) == 0,
+                     what="the id past the window to be forgotten without a call", timeout=10)

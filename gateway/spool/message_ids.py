@@ -283,9 +283,12 @@ class MessageIds:
     def rolled_back(self) -> None:
         self._staged, self._staged_rows = {}, []
 
-    def purge(self) -> int:
+    def purge(self, window: float) -> int:
         """Delete the log rows the index holds (in the caller's transaction);
-        returns how many ids that forgot from memory."""
+        returns how many ids that forgot from memory.  Also tells the indexer
+        the window when no call came since the writer started, so that spans
+        past it are dropped on an idle gateway too."""
+        self.indexer.window = window
         before = len(self.recent)
         self._catch_up()
         self.log.execute("DELETE FROM message_id_log WHERE seq <= ?", (self.indexer.done,))

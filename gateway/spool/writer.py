@@ -177,7 +177,7 @@ def run(conn: sqlite3.Connection, known: MessageIds, req: Request) -> tuple[Any,
             result, rows = (insert(conn, req.rows), []), req.rows
         return result, sum(r[2] for r in rows), sum(len(r[3]) + 1 for r in rows)
     if isinstance(req, PurgeIds):
-        return known.purge(), 0, 0
+        return known.purge(req.window), 0, 0
     if isinstance(req, Cursor):
         return cursor_of(conn, req.destination), 0, 0
     if isinstance(req, Acked):
