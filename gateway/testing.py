@@ -268,12 +268,13 @@ async def wait_metric(client: TestClient, name: str, want: Callable[[float | Non
     return last[0]
 
 
-def spool_query(tmp_path: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows of a read-only SQL query on the spool of the test's gateway,
-    beside the running server (WAL lets both read)."""
+def spool_query(tmp_path: Path, sql: str, args: tuple[Any, ...] = (), *,
+                file: str | None = None) -> list[tuple[Any, ...]]:
+    """Rows of a read-only SQL query on the spool of the test's gateway (or on
+    ``file`` of its directory), beside the running server (WAL lets both read)."""
     from gateway.spool.store import FILE
 
-    conn = sqlite3.connect(f"file:{spool_path(tmp_path) / FILE}?mode=ro", uri=True, timeout=10)
+    conn = sqlite3.connect(f"file:{spool_path(tmp_path) / (file or FILE)}?mode=ro", uri=True, timeout=10)
     try:
         return conn.execute(sql, args).fetchall()
     finally:

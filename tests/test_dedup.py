@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from gateway.spool.message_ids import recorded
+from gateway.spool import message_ids
+from gateway.spool.store import FILE, connect
 from gateway.testing import AUTH_HEADERS, metrics, post, sample, send, send_batch, spool_calls, spool_path, \
     spool_query, track, wait_until
 
@@ -22,6 +24,18 @@ KEEP = {"retention": 3600}  # what was stored stays in the spool for the test to
 
 def stored_ids(tmp_path: Path) -> list[str]:
     return [c["messageId"] for c in spool_calls(tmp_path)]
+
+
+def recorded(tmp_path: Path) -> int:
+    """The messageIds the spool holds, in its log and in its index
+    (gateway/spool/message_ids.py; an id between the two counts twice)."""
+    if not (spool_path(tmp_path) / FILE).exists():
+        return 0
+    total = spool_query(tmp_path, "SELECT coalesce(sum(json_array_length(ids)), 0) FROM message_id_log")[0][0]
+    if (spool_path(tmp_path) / message_ids.FILE).exists():
+        for (name,) in spool_query(tmp_path, "SELECT name FROM spans", file=message_ids.FILE):
+            total += spool_query(tmp_path, f'SELECT count(*) FROM "{name}"', file=message_ids.FILE)[0][0]
+    return int(total)
 
 
 async def test_a_repeat_in_a_second_request_is_answered_200_and_not_stored(gateway_client: Any,
@@ -71,7 +85,7 @@ async def test_calls_without_a_message_id_are_never_deduplicated(gateway_client:
     await send_batch(client, [{**call, "type": "track"}] * 2)
     got = stored_ids(tmp_path)
     assert len(got) == 5 and len(set(got)) == 5, "each got an id of its own"
-    assert recorded(spool_path(tmp_path)) == 0, "generated ids are not recorded"
+    assert recorded(tmp_path) == 0, "generated ids are not recorded"
 
 
 async def test_a_window_of_0_switches_it_off(gateway_client: Any, tmp_path: Path) -> None:
@@ -90,7 +104,7 @@ async def test_past_the_window_an_id_is_stored_again_and_forgotten(gateway_clien
     await send(client, track("m-1"))
     assert stored_ids(tmp_path) == ["m-1", "m-1"], "stored again once the window has passed"
     # The housekeeping loop (every 2 s) forgets ids past the window: memory and disk stay bounded.
-    await wait_until(lambda: recorded(spool_path(tmp_path)) == 0,
+    await wait_until(lambda: recorded(tmp_path) == 0,
                      what="the expired messageId to be purged", timeout=8)
 
 
@@ -142,7 +156,7 @@ async def test_ids_stay_known_after_the_log_moves_to_the_index(gateway_client: A
         await send_batch(client, [track(f"r{round_}-{i}") for i in range(50)])
         # Indexed (every second) and removed from the log (housekeeping, every 2 s).
         await wait_until(lambda: spool_query(tmp_path, log) == [(0,)], what="the log to be indexed", timeout=10)
-    assert recorded(spool_path(tmp_path)) == 150
+    assert recorded(tmp_path) == 150
     await send_batch(client, [track(f"r{r}-{i}") for r in range(3) for i in (0, 49)])
     assert len(stored_ids(tmp_path)) == 150
     assert sample(await metrics(client), "gateway_calls_deduplicated_total", source="web") == 6
@@ -151,9 +165,6 @@ async def test_ids_stay_known_after_the_log_moves_to_the_index(gateway_client: A
 async def test_ids_recorded_by_the_version_before_are_kept(gateway_client: Any, tmp_path: Path) -> None:
     """Spools written before the log and the index kept ids in one table
     (``message_ids``); the writer moves them into the log when it opens the spool."""
-    import time
-
-    from gateway.spool.store import FILE, connect
     spool_path(tmp_path).mkdir(parents=True)
     conn = connect(spool_path(tmp_path) / FILE)
     conn.executescript("CREATE TABLE message_ids (id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;"
@@ -180,7 +191,7 @@ async def test_an_idle_gateway_forgets_ids_past_the_window(gateway_process: Any,
     assert gw.proc is not None
     gw.proc.send_signal(signal.SIGTERM)
     await asyncio.get_running_loop().run_in_executor(None, gw.proc.wait, 30)
-    assert recorded(spool_path(tmp_path)) == 1
+    assert recorded(tmp_path) == 1
     await gateway_process(storage=storage)  # the same spool; no call is sent to it
-    await wait_until(lambda: recorded(spool_path(tmp_path)) == 0,
+    await wait_until(lambda: recorded(tmp_path) == 0,
                      what="the id past the window to be forgotten without a call", timeout=10)

@@ -7,10 +7,10 @@ purge did as much again.  Here the commit of the calls appends one log row
 of their ids (``message_id_log``, a few bytes an id, in the same transaction,
 so an id is recorded exactly when its call is).  An indexer thread then
 moves the log into a table keyed by id in a file of its own
-(``spool-ids.sqlite3``), tens of thousands of ids a transaction and off the
-writer's lock, and the writer deletes the moved rows.  Until then the writer
-knows the log's ids from memory: what it holds is what the indexer has not
-taken yet, a fraction of a second's worth.
+(``spool-ids.sqlite3``), tens of thousands of ids a transaction, in key
+order and off the writer's lock, and the writer deletes the moved rows.
+Until then the writer knows the log's ids from memory: what it holds is what
+the indexer has not taken yet, about a second's worth.
 
 The index holds one table a span of time as long as the window; a span is
 dropped whole once every id in it is past the window, which costs a drop,
@@ -25,11 +25,13 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
 
-from gateway.spool.store import FILE as SPOOL, wal_size_limit
+from gateway.spool.store import rollback, wal_size_limit
 
 LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS message_id_log (
@@ -70,19 +72,25 @@ def connect_index(path: Path) -> sqlite3.Connection:
     return conn
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    conn.execute(begin)
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Move the ids of the table that held them before (``message_ids``) into the log."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'message_ids'").fetchone():
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn, "BEGIN IMMEDIATE"):
         conn.execute("INSERT INTO message_id_log (at, ids) SELECT max(at), json_group_array(id) FROM message_ids "
                      "GROUP BY CAST(at AS INTEGER) ORDER BY 1")
         conn.execute("DROP TABLE message_ids")  # and its index, message_ids_by_time
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 class Indexer:
@@ -113,8 +121,7 @@ class Indexer:
         if upto is not None:
             # Deferred, not IMMEDIATE: that would take the write lock of the
             # attached spool too and hold the writer back.
-            conn.execute("BEGIN")
-            try:
+            with _transaction(conn):
                 width = max(window, 1.0)
                 first = max(low, time.time() - window)  # older rows are past the window already
                 for k in range(int(first // width), int(high // width) + 1):
@@ -130,22 +137,16 @@ class Indexer:
                                  (self.done, upto, start, until))
                 conn.execute("INSERT INTO indexed (one, seq) VALUES (1, ?) "
                              "ON CONFLICT(one) DO UPDATE SET seq = excluded.seq", (upto,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             self.spans = self._spans()
             self.done = int(upto)
         self._drop(time.time() - window - DROP_AFTER)
 
     def _span(self, start: float, until: float) -> str:
-        """The table of one span of time, made if it is new (in the caller's transaction)."""
+        """The table of one span of time, made if it is new (in the caller's
+        transaction; ``spans`` holds every other, read after each commit)."""
         for name, s, u in self.spans:
             if s <= start and until <= u:
                 return name
-        row = self.conn.execute("SELECT name FROM spans WHERE start <= ? AND until >= ?", (start, until)).fetchone()
-        if row:
-            return str(row[0])
         name = f"ids_{int(start * 1000)}_{int(until * 1000)}"
         self.conn.execute(f"CREATE TABLE IF NOT EXISTS \"{name}\" (id TEXT PRIMARY KEY, at REAL NOT NULL) "
                           "WITHOUT ROWID")
@@ -155,14 +156,9 @@ class Indexer:
     def _drop(self, before: float) -> None:
         old = [name for name, _, until in self.spans if until <= before]
         for name in old:
-            self.conn.execute("BEGIN")
-            try:
+            with _transaction(self.conn):
                 self.conn.execute(f"DROP TABLE IF EXISTS \"{name}\"")
                 self.conn.execute("DELETE FROM spans WHERE name = ?", (name,))
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
         if old:
             self.spans = self._spans()
 
@@ -301,21 +297,3 @@ class MessageIds:
         self.indexer.close()
         self.lookups.close()
 
-
-def recorded(directory: Path) -> int:
-    """How many messageIds the spool of ``directory`` holds, in its log and in
-    its index (an id between the two counts twice), read beside a running server."""
-    def read(path: Path, sql: str) -> list[tuple[object, ...]]:
-        if not path.exists():
-            return []
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute(sql).fetchall()
-        finally:
-            conn.close()
-
-    logged = read(directory / SPOOL, "SELECT coalesce(sum(json_array_length(ids)), 0) FROM message_id_log")
-    total = int(logged[0][0]) if logged else 0
-    for (name,) in read(directory / FILE, "SELECT name FROM spans"):
-        total += int(read(directory / FILE, f"SELECT count(*) FROM \"{name}\"")[0][0])
-    return total
