@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Mapping, NamedTuple, \
     Sequence, TypeVar, overload
 
+import aiohttp
 import msgspec
 import pytest
 import yaml
@@ -122,6 +123,18 @@ async def wait_until(check: Callable[[], Any], *, what: str, timeout: float = 10
                 await asyncio.wait_for(event.wait(), min(1.0, left))
             except asyncio.TimeoutError:
                 pass
+
+
+async def wait_ready(url: str, *, timeout: float, poll: float = 0.5) -> None:
+    """Wait until the live gateway at ``url`` says on ``/ready`` that it takes
+    calls (200); a failure says what it answered last."""
+    said: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        async def ready() -> bool:
+            async with http.get(f"{url}/ready") as r:
+                said[:] = [f"{r.status} {await r.text()}"]
+                return r.status == 200
+        await wait_until(ready, what=f"{url}/ready to answer 200", timeout=timeout, poll=poll, seen=lambda: said)
 
 
 def poll_window() -> float:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-from gateway.testing import AUTH_HEADERS, status, wait_until, webhook
+from gateway.testing import AUTH_HEADERS, status, wait_ready, wait_until, webhook
 
 DISK_MB = 40
 
@@ -91,11 +91,7 @@ async def test_a_full_disk_refuses_with_503_and_recovers_by_itself(gateway_proce
             async with http.post(f"{gw.url}/v1/batch", json=batch(99999), headers=AUTH_HEADERS) as resp:
                 return resp.status == 200
         await wait_until(accepts, what="ingest to accept calls again, without a restart", timeout=60, poll=0.5)
-
-        async def ready_again() -> bool:
-            async with http.get(f"{gw.url}/ready") as resp:
-                return resp.status == 200
-        await wait_until(ready_again, what="/ready to answer 200 again", timeout=30, poll=0.5)
+        await wait_ready(gw.url, timeout=30)
     assert gw.proc is not None and gw.proc.poll() is None, "the same process recovered"
     assert "Traceback" not in gw.log_tail(200_000), gw.log_tail()
 

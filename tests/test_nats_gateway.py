@@ -27,7 +27,7 @@ import yaml
 
 from gateway.testing import (
     AUTH_HEADERS, FakeDestination, GatewayProcess, ReceivedRequest, free_port, gateway_cli, gateway_config,
-    sleep_then, status, track, wait_until, webhook,
+    sleep_then, status, track, wait_ready, wait_until, webhook,
 )
 from nats_servers import NatsCluster, delete_streams, js_api, nats_config, prefix
 
@@ -81,6 +81,17 @@ class Load:
 
     def run(self, clients: int = 6) -> asyncio.Future[Any]:
         return asyncio.gather(*(self.client(k) for k in range(clients)))
+
+
+async def what_nats_holds(servers: list[str], stream: str, gw: GatewayProcess) -> str:
+    """For a failure's message: the gateway's NATS series, the calls stream's
+    consumers, and the end of the gateway's log."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/metrics") as r:
+            text = await r.text()
+    info = await js_api(servers, f"CONSUMER.LIST.{stream}_CALLS")
+    return (f"gateway: {[x for x in text.splitlines() if 'nats' in x and not x.startswith('#')]}; "
+            f"consumers: {info}; its log: {gw.log_tail(4000)}")
 
 
 def calls_of(requests: list[ReceivedRequest], path: str, before: float = float("inf"),
@@ -164,12 +175,7 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
                          what="every call answered 200 to be delivered",
                          seen=lambda: f"{len(want - {c['messageId'] for c in fake.delivered()})} missing")
     except AssertionError as e:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{g2.url}/metrics") as r:
-                text = await r.text()
-        info = await js_api(nats_cluster.urls, f"CONSUMER.LIST.{stream}_CALLS")
-        raise AssertionError(f"{e}; g2: {[x for x in text.splitlines() if 'nats' in x and not x.startswith('#')]}; "
-                             f"consumers: {info}; g2's log: {g2.log_tail(4000)}") from None
+        raise AssertionError(f"{e}; {await what_nats_holds(nats_cluster.urls, stream, g2)}") from None
     # One the fake answered after g1 died counts as delivered above; g2 sends it again once
     # g1's lease runs out (the ack wait), which can come later still: wait for that too.
     def via_g2() -> set[str]:
@@ -181,9 +187,8 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
         missing = in_flight - via_g2()
         where = [(r.path, round(r.t - killed_g1_at, 2), r.status) for r in fake.requests
                  if any(c["messageId"] in missing for c in (r.json or {}).get("batch", []))]
-        info = await js_api(nats_cluster.urls, f"CONSUMER.LIST.{stream}_CALLS")
         raise AssertionError(f"{e}; requests holding them (path, s after g1's kill, status): {where}; "
-                             f"consumers: {info}; g2's log: {g2.log_tail(3000)}") from None
+                             f"{await what_nats_holds(nats_cluster.urls, stream, g2)}") from None
     after_kill = via_g2()
     assert in_flight <= after_kill, "g1's calls in flight reached the destination through g2"
     got = Counter(c["messageId"] for c in fake.delivered())
@@ -193,13 +198,8 @@ async def test_two_gateways_lose_nothing_when_a_node_and_a_gateway_are_killed(
     assert load.statuses[200] > 0 and set(load.statuses) <= {0, 200, 503}, load.statuses
     # g2 came through the node's death without a restart, and says it is ready (a look at
     # the stream can time out while two nodes on a busy machine catch up: ask again).
+    await wait_ready(g2.url, timeout=20)
     async with aiohttp.ClientSession() as http:
-        async def ready() -> bool:
-            async with http.get(f"{g2.url}/ready") as r:
-                ready.last = await r.text()  # type: ignore[attr-defined]
-                return r.status == 200
-        await wait_until(ready, timeout=20, what="g2 to say it is ready", poll=0.5,
-                         seen=lambda: ready.last)  # type: ignore[attr-defined]
         async with http.get(f"{g2.url}/metrics") as r:
             text = await r.text()
     assert "gateway_nats_connected 1.0" in text
@@ -235,25 +235,13 @@ async def test_no_quorum_is_a_503_and_the_gateway_comes_back_with_the_nodes(
             async with http.post(f"{gw.url}/v1/track", json=track("after"), headers=AUTH_HEADERS) as r:
                 return r.status == 200
         await wait_until(accepted, timeout=40, poll=0.5, what="a 200 once the nodes are back")
-
-        said: list[str] = []
-
-        async def ready() -> bool:
-            async with http.get(f"{gw.url}/ready") as r:
-                said[:] = [await r.text()]
-                return r.status == 200
-        await wait_until(ready, timeout=10, what="/ready to say 200", seen=lambda: said)
+        await wait_ready(gw.url, timeout=10, poll=0.05)
     try:
         await wait_until(lambda: {"before", "after"} <= {c["messageId"] for c in fake_destination.delivered()},
                          timeout=30, what="the calls answered 200 to be delivered")
-    except AssertionError:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{gw.url}/metrics") as r:
-                text = await r.text()
-        info = await js_api(nats_cluster.urls, f"CONSUMER.LIST.{stream}_CALLS")
-        raise AssertionError(f"delivered {[c['messageId'] for c in fake_destination.delivered()]}; "
-                             f"{[x for x in text.splitlines() if 'nats' in x and not x.startswith('#')]}; "
-                             f"{info}; {gw.log_tail(3000)}") from None
+    except AssertionError as e:
+        raise AssertionError(f"{e}; delivered {[c['messageId'] for c in fake_destination.delivered()]}; "
+                             f"{await what_nats_holds(nats_cluster.urls, stream, gw)}") from None
 
 
 async def test_the_consumers_of_a_removed_destination_are_deleted(gateways: Any, nats_node: NatsCluster,
