@@ -59,7 +59,9 @@ ID_BATCH = 1000  # ids a lookup statement
 _json = msgspec.json.Encoder()
 _ids = msgspec.json.Decoder(list[str])
 
-_LOOKUP = "SELECT id FROM \"{}\" WHERE id IN (SELECT value FROM json_each(?1)) AND at >= ?2"
+# A join, not ``id IN (SELECT ...)``: that builds a temporary b-tree of the ids first.
+_LOOKUP = "SELECT t.id FROM json_each(?1) AS j JOIN \"{}\" AS t ON t.id = j.value WHERE t.at >= ?2"
+MAP_BYTES = 1 << 30  # of the index read through mmap: ids are random, so lookups land on any page
 
 
 def connect_index(path: Path) -> sqlite3.Connection:
@@ -68,6 +70,9 @@ def connect_index(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # log rows are deleted once here: this must survive power loss
     conn.execute(f"PRAGMA journal_size_limit={wal_size_limit(path)}")  # as the spool's, after a burst
+    # Random ids make every lookup a cold page: read from the OS's page
+    # cache without a copy and a system call each (half a lookup's time).
+    conn.execute(f"PRAGMA mmap_size={MAP_BYTES}")
     conn.executescript(INDEX_SCHEMA)
     return conn
 
