@@ -87,13 +87,14 @@ class _Pending:
         self.waiters: list[tuple[asyncio.Future[list[int]], int, int]] = []
 
     def add(self, rows: list[bytes], ids: list[str | None] | None, waiter: asyncio.Future[list[int]]) -> None:
-        if ids and not self.has_ids:
-            self.ids = [None] * len(self.calls)
-            self.has_ids = True
-        if self.has_ids:
+        calls = self.calls
+        if ids or self.has_ids:
+            if not self.has_ids:
+                self.ids = [None] * len(calls)
+                self.has_ids = True
             self.ids.extend(ids if ids else [None] * len(rows))
-        self.waiters.append((waiter, len(self.calls), len(rows)))
-        self.calls.extend(rows)
+        self.waiters.append((waiter, len(calls), len(rows)))
+        calls.extend(rows)
 
 
 class SqliteSpool:
@@ -340,9 +341,12 @@ class SqliteSpool:
 
     def room_problem(self, size: int = 1) -> str | None:
         """Why ``size`` more bytes of calls would be refused now, if they would."""
+        return self._over_max(size) or self.room.problem(size)
+
+    def _over_max(self, size: int) -> str | None:
         if self.bytes + size > self.max_bytes:
             return f"the spool holds {self.bytes} bytes; storage.max_bytes is {self.max_bytes}"
-        return self.room.problem(size)
+        return None
 
     async def append(self, source: str, rows: list[bytes], ids: list[str | None] | None = None) -> int:
         """Store calls; returns once they are committed and fsync'd, with how
@@ -354,11 +358,11 @@ class SqliteSpool:
         if not rows:
             return 0
         size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
-        problem = self.room_problem(size)
-        if problem is not None:
-            raise SpoolFull(problem)
         if self._link is None:
             raise StorageFailed("the spool writer is not running")
+        problem = self._over_max(size) or self.room.take(size)  # take: counted against the disk's room
+        if problem is not None:
+            raise SpoolFull(problem)
         assert self._loop is not None
         waiter: asyncio.Future[list[int]] = self._loop.create_future()
         pending = self._pending.get(source)
@@ -369,7 +373,6 @@ class SqliteSpool:
             self._flush_queued = True
             self._loop.call_soon(self._flush)
         self._inflight += size
-        self.room.took(size)
         try:
             left_out = await waiter
         finally:
@@ -405,14 +408,17 @@ class SqliteSpool:
         dups: dict[int, list[int]] = {}  # id of a _Pending -> indexes into its calls, in order
         if exc is None:
             for (p, first), left_out in zip(owners, job.result()[1]):
-                dups.setdefault(id(p), []).extend(first + i for i in left_out)
+                if left_out:
+                    dups.setdefault(id(p), []).extend(first + i for i in left_out)
         for p in pending.values():
-            mine = dups.get(id(p), [])
+            mine = dups.get(id(p))
             for fut, start, count in p.waiters:
                 if fut.done():
                     continue
                 if exc is not None:
                     fut.set_exception(exc)
+                elif not mine:  # the common case: nothing of this source left out
+                    fut.set_result([])
                 else:
                     fut.set_result([i - start for i in mine[bisect.bisect_left(mine, start):
                                                           bisect.bisect_left(mine, start + count)]])
