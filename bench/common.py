@@ -40,9 +40,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until something listens on ``port``; an error at once if ``proc`` exited first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited ({proc.returncode}) before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), 0.2):
                 return
@@ -123,7 +126,13 @@ class Proc:
         self.log = open(log, "ab")
         self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         self.port = port
-        wait_port(port)
+        try:
+            wait_port(port, proc=self.p)
+        except RuntimeError as e:
+            self.stop(5)
+            self.log.close()
+            tail = Path(log).read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"{' '.join(args[:4])} ...: {e}; its log ends:\n{tail}") from None
 
     @property
     def pid(self) -> int:

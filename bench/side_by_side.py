@@ -83,7 +83,11 @@ def measure(a: argparse.Namespace, tmp: Path) -> int:
             rdir = tmp / f"round{r}-{n}"
             rdir.mkdir()
             this, this_file = start(rdir, "this", ROOT, a.dedup_window)
-            base, base_file = start(rdir, "base", a.base.resolve(), a.base_dedup_window)
+            try:
+                base, base_file = start(rdir, "base", a.base.resolve(), a.base_dedup_window)
+            except BaseException:
+                this.stop()
+                raise
             try:
                 warm = both([this.port, base.port], script, 2, half)
                 got = both([this.port, base.port], script, a.duration, half)
