@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -116,6 +117,20 @@ def run_wrk(url: str, script: Path, duration: float, connections: int, threads: 
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     got["socket_errors"] = float(sum(int(x) for x in m.groups())) if m else 0.0
     return got
+
+
+def wrk_each(ports: list[int], script: Path, duration: float, connections: int) -> list[dict[str, float]]:
+    """wrk against every port at the same time, ``connections`` each: one result a port, in order."""
+    out: list[dict[str, float]] = [{} for _ in ports]
+
+    def one(i: int) -> None:
+        out[i] = run_wrk(f"http://127.0.0.1:{ports[i]}", script, duration, connections, 1)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(ports))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 class Proc:

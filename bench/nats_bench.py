@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import AUTH, CALL, ROOT, WRITE_KEY, Proc, free_port, lua_script, metrics, run_wrk, scratch  # noqa: E402
+from common import AUTH, CALL, ROOT, WRITE_KEY, Proc, free_port, lua_script, metrics, scratch, wrk_each  # noqa: E402
 from nats_servers import NatsCluster  # noqa: E402
 
 TARGET_SINGLE_RATIO = 0.5
@@ -95,15 +95,7 @@ destinations:
 
 def wrk_all(ports: list[int], script: Path, duration: float, connections: int) -> dict[str, float]:
     """wrk against every gateway at once (the connections split), summed."""
-    results: list[dict[str, float]] = []
-
-    def one(port: int) -> None:
-        results.append(run_wrk(f"http://127.0.0.1:{port}", script, duration, max(1, connections // len(ports)), 1))
-    threads = [threading.Thread(target=one, args=(p,)) for p in ports]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = wrk_each(ports, script, duration, max(1, connections // len(ports)))
     total = {k: sum(r[k] for r in results) for k in ("rps", "requests", "non2xx", "socket_errors")}
     total["p99"] = max(r["p99"] for r in results)
     total["p50"] = max(r["p50"] for r in results)

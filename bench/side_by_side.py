@@ -22,11 +22,10 @@ import argparse
 import json
 import statistics
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Proc, free_port, gateway_config, lua_script, run_wrk, scratch, wait_drained  # noqa: E402
+from common import ROOT, Proc, free_port, gateway_config, lua_script, scratch, wait_drained, wrk_each  # noqa: E402
 
 BATCH = 100
 
@@ -58,19 +57,6 @@ def start(tmp: Path, name: str, root: Path, dedup_window: str | None) -> tuple[P
                 d / "gateway.log", cwd=root), archive
 
 
-def both(ports: list[int], script: Path, duration: float, connections: int) -> list[dict[str, float]]:
-    out: list[dict[str, float]] = [{}, {}]
-
-    def one(i: int) -> None:
-        out[i] = run_wrk(f"http://127.0.0.1:{ports[i]}", script, duration, connections, 1)
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
 def measure(a: argparse.Namespace, tmp: Path) -> int:
     scripts = {"single calls": (tmp / "single.lua", 1), f"{BATCH}-call batches": (tmp / "batch.lua", BATCH)}
     for path, n in scripts.values():
@@ -89,14 +75,13 @@ def measure(a: argparse.Namespace, tmp: Path) -> int:
                 this.stop()
                 raise
             try:
-                warm = both([this.port, base.port], script, 2, half)
-                got = both([this.port, base.port], script, a.duration, half)
+                warm = wrk_each([this.port, base.port], script, 2, half)
+                got = wrk_each([this.port, base.port], script, a.duration, half)
                 for g in (this, base):
                     wait_drained(g.port, "Archive", 300)
             finally:
                 codes = [this.stop(), base.stop()]
-            acked = [int((w["requests"] - w["non2xx"]) * n) for w in got]
-            warm_acked = [int((w["requests"] - w["non2xx"]) * n) for w in warm]
+            acked, warm_acked = ([int((w["requests"] - w["non2xx"]) * n) for w in run] for run in (got, warm))
             delivered = [sum(1 for _ in open(f, "rb")) for f in (this_file, base_file)]
             ratio = acked[0] / acked[1] if acked[1] else float("nan")
             ratios[shape].append(ratio)

@@ -80,19 +80,16 @@ class DiskRoom:
         return self.free - self._since
 
     def take(self, size: int) -> str | None:
-        """``problem(size)``, and the bytes counted as taken when there is
-        none: one call an append (it is on ingest's path)."""
-        left = self.left()
-        if left - size < self.reserve:
-            return self._short(left)
-        self._since += size * OVERHEAD
-        return None
+        """``problem(size)``; when there is none, the bytes are counted as taken."""
+        problem = self.problem(size)
+        if problem is None:
+            self._since += size * OVERHEAD
+        return problem
 
     def problem(self, size: int) -> str | None:
         """Why ``size`` more bytes may not be taken now, if they may not."""
         left = self.left()
-        return self._short(left) if left - size < self.reserve else None
-
-    def _short(self, left: int) -> str:
-        return (f"free space on the spool's filesystem is {human_size(max(0, left))}, below the "
-                f"{human_size(self.reserve)} kept for bookkeeping (storage.min_free_bytes)")
+        if left - size < self.reserve:
+            return (f"free space on the spool's filesystem is {human_size(max(0, left))}, below the "
+                    f"{human_size(self.reserve)} kept for bookkeeping (storage.min_free_bytes)")
+        return None

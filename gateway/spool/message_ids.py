@@ -61,7 +61,7 @@ _ids = msgspec.json.Decoder(list[str])
 
 # A join, not ``id IN (SELECT ...)``: that builds a temporary b-tree of the ids first.
 _LOOKUP = "SELECT t.id FROM json_each(?1) AS j JOIN \"{}\" AS t ON t.id = j.value WHERE t.at >= ?2"
-MAP_BYTES = 1 << 30  # of the index read through mmap: ids are random, so lookups land on any page
+MAP_BYTES = 1 << 30  # of the index file read through mmap, at most
 
 
 def connect_index(path: Path) -> sqlite3.Connection:
