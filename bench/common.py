@@ -72,9 +72,13 @@ local calls = {calls_per_request}
 local pieces = {{}}
 local slots = {{}}
 local counter = 0
-math.randomseed(os.time())
+-- Each thread's ids start with random bytes of its own: two wrk processes
+-- started in the same second (one per gateway) must not send the same ids,
+-- or deduplication answers the second copy without storing it.
+local urandom = io.open("/dev/urandom", "rb")
 function setup(thread)
-  thread:set("prefix", "t" .. tostring(math.random(1, 1000000000)) .. "-")
+  local bytes = urandom:read(8)
+  thread:set("prefix", "t" .. bytes:gsub(".", function(c) return string.format("%02x", c:byte()) end) .. "-")
 end
 function init(args)
   if calls > 1 then pieces[#pieces + 1] = '{{"batch":[' end
