@@ -111,6 +111,19 @@ class NatsNode:
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
+    def meta_peers_current(self, size: int) -> bool:
+        """This node leads the JetStream meta group and sees every other peer
+        current: before that a stream of ``size`` replicas may find "no
+        suitable peers for placement" (each node's /healthz is ok earlier)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz", timeout=1) as r:
+                meta = json.loads(r.read()).get("meta_cluster") or {}
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+        replicas = meta.get("replicas") or []
+        return (meta.get("leader") == self.name and len(replicas) == size - 1
+                and all(p.get("current") and not p.get("offline") for p in replicas))
+
     def kill(self) -> None:
         """SIGKILL: no goodbye to the cluster, nothing flushed."""
         if self.proc is not None and self.proc.poll() is None:
@@ -174,6 +187,10 @@ class NatsCluster:
                     raise RuntimeError(f"nats-server {n.name} not healthy after {timeout}s: "
                                        f"{n.log.read_text()[-2000:]}")
                 time.sleep(0.1)
+        while self.size > 1 and nodes is None and not any(n.meta_peers_current(self.size) for n in self.nodes if n.healthy()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no JetStream meta leader sees all {self.size} peers current after {timeout}s")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         for n in self.nodes:

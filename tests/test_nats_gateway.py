@@ -7,6 +7,7 @@ on 127.0.0.1, or the session's single node), real HTTP in and out:
   reaches the destination through the other;
 - no quorum: 503 with Retry-After (never a 200), /ready says why, and the
   same gateway takes calls again once the nodes are back;
+- a gateway started before its cluster is whole waits for it;
 - the consumers of a destination that left every config are deleted;
 - ``gateway check``, ``dlq list|show|replay`` and ``replay`` on this backend,
   while the server runs.
@@ -242,6 +243,36 @@ async def test_no_quorum_is_a_503_and_the_gateway_comes_back_with_the_nodes(
     except AssertionError as e:
         raise AssertionError(f"{e}; delivered {[c['messageId'] for c in fake_destination.delivered()]}; "
                              f"{await what_nats_holds(nats_cluster.urls, stream, gw)}") from None
+
+
+async def test_a_gateway_started_before_the_cluster_is_whole_waits_for_it(
+        gateways: Any, tmp_path: Path, fake_destination: FakeDestination) -> None:
+    """Three replicas, and the third node not up yet (a cluster and its
+    gateways brought up together): JetStream refuses to place the streams
+    ("no suitable peers"), which the node's arrival cures, so the gateway
+    tries again instead of exiting, and starts once the node is there."""
+    (tmp_path / "nats").mkdir()
+    cluster = NatsCluster(tmp_path / "nats", 3)
+    try:
+        for n in cluster.nodes[:2]:
+            n.start()
+        cluster.wait_healthy(nodes=cluster.nodes[:2])
+        starting = asyncio.create_task(gateways("gw", storage=nats_config(cluster.urls, prefix(), replicas=3),
+                                                destinations=[webhook("Hook", fake_destination.url)]))
+        await asyncio.sleep(4)
+        assert not starting.done(), ("the gateway started (or exited) before the third node: "
+                                     f"{starting.result().log_tail(20_000) if starting.done() else ''}")
+        cluster.nodes[2].start()
+        gw = await starting
+        log = gw.log_tail(20_000)
+        assert "no suitable peers" in log and "trying again" in log, log
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+            async with http.post(f"{gw.url}/v1/track", json=track("after"), headers=AUTH_HEADERS) as r:
+                assert r.status == 200, await r.text()
+        await wait_until(lambda: "after" in {c["messageId"] for c in fake_destination.delivered()},
+                         timeout=20, what="the call to be delivered")
+    finally:
+        cluster.stop()
 
 
 async def test_the_consumers_of_a_removed_destination_are_deleted(gateways: Any, nats_node: NatsCluster,

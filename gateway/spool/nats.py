@@ -46,8 +46,8 @@ import msgspec
 
 from gateway.config import DestinationConfig, StorageConfig
 from gateway.spool.nats_js import (
-    BATCH_IDS, CONSUMER_NOT_FOUND, DUPLICATE_IN_PROCESS, META_DESTINATION, META_SEEN, MESSAGE_CALLS, NO_STORAGE, SPAN,
-    STORE_FAILED, WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_BATCH, ApiError, Js, Names,
+    BATCH_IDS, CONSUMER_NOT_FOUND, DUPLICATE_IN_PROCESS, META_DESTINATION, META_SEEN, MESSAGE_CALLS, NO_PEERS,
+    NO_STORAGE, SPAN, STORE_FAILED, WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_BATCH, ApiError, Js, Names,
     ack_wait_for, connect, consumer_config, consumer_of, stream_configs,
 )
 from gateway.spool.nats_lanes import CallLane, Puller, RetryLane
@@ -235,7 +235,8 @@ class NatsSpool:
                                             f"reserve storage.max_bytes ({self.max_bytes} bytes) on each of "
                                             f"{self.cfg.replicas} replica(s): lower storage.max_bytes or raise "
                                             f"jetstream.max_file_store ({e.description})") from None
-                    if time.monotonic() > deadline or (isinstance(e, ApiError) and e.code == 400):
+                    refused = isinstance(e, ApiError) and e.code == 400 and e.err_code != NO_PEERS
+                    if time.monotonic() > deadline or refused:
                         raise StorageFailed(f"cannot set up the JetStream streams {self.names.prefix}_*: {e}") from None
                     log.warning("JetStream is not ready (%s); trying again", e)
                     await asyncio.sleep(0.5)

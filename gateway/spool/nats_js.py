@@ -60,6 +60,9 @@ DUPLICATE_IN_PROCESS = 10158
 WRONG_LAST_SEQUENCE, WRONG_LAST_SEQUENCE_IN_BATCH = 10071, 10164
 #: errors that waiting does not cure: no disk to reserve storage.max_bytes on, a request the server refuses
 NO_STORAGE = 10047
+#: "no suitable peers for placement": a peer still joining or offline (waiting cures it), or fewer
+#: servers than replicas (it does not); a request refused with it is tried again until a deadline
+NO_PEERS = 10005
 #: consumer metadata: the destination a consumer delivers to, and when a
 #: gateway with that destination in its config last said so (Unix seconds)
 META_DESTINATION, META_SEEN = "gateway_destination", "gateway_seen"
