@@ -109,7 +109,7 @@ class Handlers:
         ingest = self.ingest
         try:
             body = await read_body(request, ingest.body_limit(kind))
-            prepared = await self.intake.prepare(lambda: ingest.prepare(kind, body, headers, request.remote))
+            prepared = await self.intake.prepare(ingest.prepare, kind, body, headers, request.remote)
         except RequestRejected as e:
             r = e.rejection
             self.counters.bump(self.counters.rejected, r.reason)
@@ -128,7 +128,8 @@ class Handlers:
             return resp
         source = prepared.source
         request[state.SOURCE] = source.name
-        strict = strict or strict_for(self.cfg, source)
+        if prepared.rejections or self.feed.watched:  # strict or lax matters only then
+            strict = strict or strict_for(self.cfg, source)
         if prepared.rejections:
             log.info("rejected %d call(s) on %s from %s: %s", len(prepared.rejections), request.path,
                      request.remote, prepared.rejections[0].message)

@@ -5,7 +5,7 @@ append them to the spool, count and publish what happened."""
 from __future__ import annotations
 
 from time import perf_counter
-from typing import Callable
+from typing import Any, Callable
 
 from gateway.activity import ActivityFeed
 from gateway.ingest import Prepared
@@ -23,15 +23,15 @@ class Intake:
         self.counters = counters
         self.feed = feed
 
-    async def prepare(self, make: Callable[[], Prepared]) -> Prepared:
-        """``make()`` (an Ingest.prepare*) within ingest's share of the loop:
+    async def prepare(self, make: Callable[..., Prepared], *args: Any) -> Prepared:
+        """``make(*args)`` (an Ingest.prepare*) within ingest's share of the loop:
         behind a backlog, requests wait their turn in arrival order."""
         share = self.share
         if share.full():
             await share.wait()
         started = perf_counter()
         try:
-            return make()
+            return make(*args)
         finally:
             share.spend(perf_counter() - started)
 

@@ -195,7 +195,7 @@ class Pixels:
             if len(body) > limit:
                 raise PixelProblem("size", f"the call is {len(body)} bytes; the limit is {limit} "
                                            "(server.max_event_bytes)")
-            prepared = await self.intake.prepare(lambda: ingest.prepare(kind, body, headers, request.remote))
+            prepared = await self.intake.prepare(ingest.prepare, kind, body, headers, request.remote)
         except PixelProblem as p:
             self._reject(request, p.reason, p.message)
             return

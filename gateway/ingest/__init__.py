@@ -124,7 +124,8 @@ class Ingest:
                     "a write key is required (Authorization: Basic or Bearer, or writeKey in the body)"
                 raise RequestRejected(401, Rejection("auth", msg, "writeKey"))
         received_ms = round(now.timestamp() * 1000) if now else int(time.time() * 1000)
-        peer_ip = self.client_ip(peer, headers)
+        proxies = self.proxies  # client_ip(), inline: this runs for every request
+        peer_ip = proxies.client_ip(peer, headers.get("X-Forwarded-For")) if proxies.any else peer
         if envelope is not None:
             enricher = Enricher(received_ms, peer_ip, envelope.context, envelope.integrations, envelope.sentAt)
         else:

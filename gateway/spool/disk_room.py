@@ -80,11 +80,18 @@ class DiskRoom:
         return self.free - self._since
 
     def take(self, size: int) -> str | None:
-        """``problem(size)``; when there is none, the bytes are counted as taken."""
-        problem = self.problem(size)
-        if problem is None:
-            self._since += size * OVERHEAD
-        return problem
+        """``problem(size)``; when there is none, the bytes are counted as taken.
+
+        Called on every append: between looks it answers from the counters
+        alone, without the calls ``problem`` makes."""
+        since = self._since
+        if not (since < LOOK_AFTER_BYTES and time.monotonic() - self._looked < LOOK_EVERY
+                and self.free - since - size >= self.reserve):
+            problem = self.problem(size)
+            if problem is not None:
+                return problem
+        self._since += size * OVERHEAD
+        return None
 
     def problem(self, size: int) -> str | None:
         """Why ``size`` more bytes may not be taken now, if they may not."""

@@ -360,7 +360,9 @@ class SqliteSpool:
         size = sum(map(len, rows)) + len(rows)  # a separator a call, as bytes_of() counts
         if self._link is None:
             raise StorageFailed("the spool writer is not running")
-        problem = self._over_max(size) or self.room.take(size)  # take: counted against the disk's room
+        # take: counted against the disk's room (the max_bytes check inline: this runs for every request)
+        problem = (self._over_max(size) if self._stored_bytes + self._inflight + size > self.max_bytes
+                   else self.room.take(size))
         if problem is not None:
             raise SpoolFull(problem)
         assert self._loop is not None

@@ -210,7 +210,7 @@ class TrackApi:
     async def _prepare(self, source: SourceConfig, calls: list[mapping.Call], peer: str | None,
                        now: datetime) -> Prepared:
         """``Ingest.prepare_calls`` within ingest's share of the loop."""
-        return await self.intake.prepare(lambda: self.ingest.prepare_calls(source, calls, peer, now))
+        return await self.intake.prepare(self.ingest.prepare_calls, source, calls, peer, now)
 
     async def _store(self, source: SourceConfig, prepared: Prepared) -> None:
         """Append what a request prepared (only calls that passed: a rejected
