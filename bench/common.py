@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WRITE_KEY = "demo-write-key"
 AUTH = "Basic ZGVtby13cml0ZS1rZXk6"  # base64("demo-write-key:")
 
-#: a track call as server SDKs send it (~600 bytes); messageId is filled per request
+#: a track call as mobile SDKs send it (~600 bytes); messageId is filled per request
 CALL: dict[str, Any] = {
     "type": "track", "userId": "user-1234", "event": "Order Completed",
     "properties": {"orderId": "abc-123", "total": 42.5, "currency": "USD",
@@ -32,6 +32,40 @@ CALL: dict[str, Any] = {
                 "device": {"type": "ios", "model": "iPhone15,2"}, "os": {"name": "iOS", "version": "17.1"},
                 "locale": "en-US", "timezone": "Europe/Berlin"},
     "messageId": "MSGID", "timestamp": "2026-11-23T03:00:00.000Z", "sentAt": "2026-11-23T03:00:00.100Z",
+}
+
+#: the call shapes of issue 16's benchmark (``bench/run.py --shape``): a
+#: server-side track (~300 bytes: userId, event, a few properties with a
+#: nested list, context.library, timestamp) and a browser one (~1 KB:
+#: context.page, userAgent, library, campaign), each with a fresh messageId
+SHAPES: dict[str, dict[str, Any]] = {
+    "server": {
+        "type": "track", "userId": "user-1234", "event": "Order Completed",
+        "properties": {"orderId": "abc-123", "total": 42.5, "currency": "USD",
+                       "skus": ["p1", "p7"], "coupon": None},
+        "context": {"library": {"name": "analytics-python", "version": "2.3.0"}},
+        "messageId": "MSGID", "timestamp": "2026-11-23T03:00:00.000Z",
+    },
+    "browser": {
+        "type": "track", "anonymousId": "0b6f3c2e-5f4a-4b7e-9a51-2f8c1d3e4a5b", "userId": "user-1234",
+        "event": "Product Viewed",
+        "properties": {"product_id": "p1", "name": "Widget", "price": 21.25, "category": "tools"},
+        "context": {
+            "library": {"name": "analytics.js", "version": "next-1.70.0"},
+            "page": {"path": "/products/widget", "referrer": "https://www.google.com/",
+                     "search": "?utm_source=newsletter&utm_medium=email&utm_campaign=winter-sale",
+                     "title": "Widget - The Shop", "url": "https://shop.example.com/products/widget"
+                     "?utm_source=newsletter&utm_medium=email&utm_campaign=winter-sale"},
+            "userAgent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+                         "Chrome/131.0.0.0 Safari/537.36",
+            "userAgentData": {"brands": [{"brand": "Chromium", "version": "131"},
+                                         {"brand": "Google Chrome", "version": "131"}],
+                              "mobile": False, "platform": "macOS"},
+            "campaign": {"name": "winter-sale", "source": "newsletter", "medium": "email"},
+            "locale": "en-US", "timezone": "Europe/Berlin",
+        },
+        "messageId": "MSGID", "timestamp": "2026-11-23T03:00:00.000Z", "sentAt": "2026-11-23T03:00:00.100Z",
+    },
 }
 
 
@@ -55,11 +89,11 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | 
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def lua_script(path: Path, calls_per_request: int) -> None:
+def lua_script(path: Path, calls_per_request: int, call: dict[str, Any] = CALL) -> None:
     """A wrk script posting a single call (/v1/track) or a batch (/v1/batch)
     whose every call has a messageId never sent before: with deduplication on
     (the default), repeated ids would measure the skip path, not ingest."""
-    one = json.dumps(CALL, separators=(",", ":"))
+    one = json.dumps(call, separators=(",", ":"))
     head, tail = one.split('"MSGID"')  # Lua long strings [[...]] need no escaping
     path_ = "/v1/track" if calls_per_request == 1 else "/v1/batch"
     path.write_text(f"""
