@@ -225,3 +225,34 @@ async def test_a_read_stops_at_its_byte_bound_but_returns_one_call_at_least(spoo
         assert [r.data for r in read_after(conn, got[-1].seq, 100)] == big[4:]
     finally:
         conn.close()
+
+
+async def test_windows_across_rows_are_the_log_cut_by_count_and_bytes(spool: SqliteSpool) -> None:
+    """Every window, from any position, by any count and byte bound, is the
+    log's next calls: rows of several calls are split and cut in the middle."""
+    import random
+
+    from gateway.spool.sqlite_reads import SplitCache, read_after
+    rnd = random.Random(11)
+    for r in range(12):  # a row per append: 1 to 15 calls of 1 to 60 bytes
+        await spool.append(f"s{r % 3}", [b"c%d-%d-" % (r, i) + b"x" * rnd.randint(0, 54)
+                                         for i in range(rnd.randint(1, 15))])
+    conn = store.connect(spool.file, readonly=True)
+    try:
+        log = [(rec.seq, rec.source, rec.data) for rec in read_after(conn, -1, 1 << 30, max_bytes=1 << 30)]
+        assert len({seq // store.SPAN for seq, _, _ in log}) == 12  # calls of one append share a row
+        cache = SplitCache()
+        for _ in range(400):
+            k = rnd.randrange(-1, len(log))
+            after = -1 if k < 0 else log[k][0] + rnd.choice((0, 0, 1))  # a position, or one past it
+            limit, max_bytes = rnd.randint(1, 40), rnd.randint(1, 600)
+            want, size = [], 0
+            for entry in (e for e in log if e[0] > after):  # the reference: count, then bytes
+                if len(want) >= limit or size >= max_bytes:
+                    break
+                want.append(entry)
+                size += len(entry[2])
+            got = read_after(conn, after, limit, cache if rnd.random() < 0.5 else None, max_bytes)
+            assert [(rec.seq, rec.source, rec.data) for rec in got] == want, (after, limit, max_bytes)
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ by newlines (store.py), so a read splits them, bounded by count and bytes."""
 from __future__ import annotations
 
 import sqlite3
+from itertools import accumulate, repeat
 from pathlib import Path
 
 from gateway.spool.records import Record
@@ -51,11 +52,19 @@ def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCac
                 rows_seen += 1
                 calls_seen += len(parts)
                 first = max(0, after + 1 - base)
-                for i in range(first, min(len(parts), first + limit - len(out))):
-                    out.append(Record(base + i, source, received, parts[i]))
-                    size += len(parts[i])
-                    if size >= max_bytes:
-                        break
+                end = min(len(parts), first + limit - len(out))
+                if first < end:
+                    # A row's calls at once (map, not a loop of appends: this
+                    # runs on the event loop for every call delivered).
+                    take = parts[first:end]
+                    sizes = list(map(len, take))
+                    if size + sum(sizes) >= max_bytes:  # the call that reaches max_bytes is the last
+                        end = first + next(i for i, total in enumerate(accumulate(sizes, initial=size))
+                                            if total >= max_bytes)
+                        take = parts[first:end]
+                        sizes = sizes[:end - first]
+                    out.extend(map(Record, range(base + first, base + end), repeat(source), repeat(received), take))
+                    size += sum(sizes)
                 if len(out) >= limit or size >= max_bytes:
                     break
             want = min(FETCH_ROWS, (limit - len(out)) * rows_seen // calls_seen + 1)
