@@ -9,8 +9,11 @@ from gateway.plugin_classes import Destination
 from gateway.spool import Pending
 
 
-class Item(msgspec.Struct):
-    """A call on its way out: a new record, or a retry of one (``pending``)."""
+class Item(msgspec.Struct, gc=False):
+    """A call on its way out: a new record, or a retry of one (``pending``).
+
+    ``gc=False`` as Record (gateway/spool/records.py): one per call delivered;
+    a Pending refers to nothing that refers back."""
 
     seq: int
     source: str
