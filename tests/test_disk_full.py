@@ -87,10 +87,18 @@ async def test_a_full_disk_refuses_with_503_and_recovers_by_itself(gateway_proce
                                      timeout=120, seen=lambda: f"{len({c['messageId'] for c in fake_destination.delivered()} & stored)} of them")
         assert max(delivered.values()) <= 2, delivered.most_common(3)
 
+        last: dict[str, Any] = {}
+
         async def accepts() -> bool:
             async with http.post(f"{gw.url}/v1/batch", json=batch(99999), headers=AUTH_HEADERS) as resp:
-                return resp.status == 200
-        await wait_until(accepts, what="ingest to accept calls again, without a restart", timeout=60, poll=0.5)
+                last["answer"] = f"{resp.status} {await resp.text()}"
+            async with http.get(f"{gw.url}/metrics") as resp:  # what the refusal was judged on
+                last["spool"] = [line for line in (await resp.text()).splitlines()
+                                 if line.startswith(("gateway_spool_", "gateway_destination_queue"))
+                                 and "_bucket" not in line]
+            return last["answer"].startswith("200")
+        await wait_until(accepts, what="ingest to accept calls again, without a restart", timeout=60, poll=0.5,
+                         seen=lambda: f"{last}; the gateway's log ends: {gw.log_tail(3000)}")
         await wait_ready(gw.url, timeout=30)
     assert gw.proc is not None and gw.proc.poll() is None, "the same process recovered"
     assert "Traceback" not in gw.log_tail(200_000), gw.log_tail()
