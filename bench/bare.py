@@ -48,9 +48,13 @@ if __name__ == "__main__":
     p.add_argument("--processes", type=int, default=1)
     a = p.parse_args()
     children = []
+    first = os.getpid()
     for _ in range(a.processes - 1):
         pid = os.fork()
         if pid == 0:
+            from gateway.worker_main import die_with_parent
+
+            die_with_parent(first)  # a first process killed (SIGKILL) takes the others with it
             serve(a.port, True)
             sys.exit(0)
         children.append(pid)

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from gateway.config import Config
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM when the first worker dies (Linux), so no worker outlives it."""
+def die_with_parent(parent: int) -> None:
+    """SIGTERM when process ``parent`` dies (Linux), so no worker outlives it
+    (also the benchmark's bare handler, bench/bare.py)."""
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--parent", type=int, required=True)
     args = p.parse_args(argv)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     logging.basicConfig(level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {args.index}]: %(message)s")
     from gateway import config
