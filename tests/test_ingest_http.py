@@ -300,6 +300,31 @@ async def test_required_fields_inside_a_batch(gateway_client: Any, tmp_path: Pat
     assert [c["messageId"] for c in spool_calls(tmp_path)] == ["ok-0", "ok-3", "ok-10"]
 
 
+async def test_a_batch_call_whose_type_is_not_a_string_costs_only_itself(gateway_client: Any, tmp_path: Path) -> None:
+    """``type`` of any JSON shape is that call's bad_type, with a message of
+    bounded size; the calls around it are stored (a list or an object once
+    made the whole request a 500)."""
+    client = await gateway_client(storage=KEEP)
+    shapes: list[Any] = [[], ["track"], {"a": 1}, 7, True, "", list(range(5000))]
+
+    def batch(run: str) -> list[dict[str, Any]]:
+        return ([{"type": "track", "userId": "u1", "event": "e", "messageId": f"{run}-ok-first"}]
+                + [{"type": t, "userId": "u1", "event": "e", "messageId": f"{run}-bad-{i}"}
+                   for i, t in enumerate(shapes)]
+                + [{"type": "track", "userId": "u1", "event": "e", "messageId": f"{run}-ok-last"}])
+    got, doc, _ = await post(client, "/v1/batch", {"batch": batch("strict")}, strict=True)
+    assert got == 400, doc
+    assert doc["accepted"] == 2
+    assert [(e["index"], e["field"], e["reason"]) for e in doc["errors"]] == [
+        (i + 1, f"batch[{i + 1}].type", "bad_type") for i in range(len(shapes))]
+    assert all(e["message"].startswith("type must be one of alias, group, identify, page, screen, track")
+               and len(e["message"]) < 200 for e in doc["errors"]), [e["message"] for e in doc["errors"]]
+    assert [c["messageId"] for c in spool_calls(tmp_path)] == ["strict-ok-first", "strict-ok-last"]
+    got, doc, _ = await post(client, "/v1/batch", {"batch": batch("lax")})  # lax: 200, the good calls stored
+    assert (got, doc) == (200, {})
+    assert [c["messageId"] for c in spool_calls(tmp_path)][2:] == ["lax-ok-first", "lax-ok-last"]
+
+
 # -- partial batches ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/v1/batch", "/v1/import", "/v1/b"])
