@@ -180,3 +180,17 @@ def test_calls_of_one_request_share_no_objects() -> None:
     for i, call in enumerate(calls):
         walk(call, f"calls[{i}]")
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("build", [
+    lambda v: mapping.v2_operation({"type": v, "action": "identify"}),
+    lambda v: mapping.v2_operation({"type": "person", "action": v}),
+    lambda v: mapping.v1_event("u1", {"name": "e", "type": v}),
+    lambda v: mapping.v1_add_device("u1", {"device": {"id": "t", "platform": v}}),
+], ids=["v2 type", "v2 action", "v1 event type", "v1 device platform"])
+def test_a_refused_value_is_shown_cut_short(build: Callable[[Any], Any]) -> None:
+    """A message names the value it refused, but never echoes megabytes of it."""
+    with pytest.raises(TrackError) as e:
+        build(list(range(100_000)))
+    assert e.value.code == "bad_field"
+    assert "[0, 1, 2" in str(e.value) and len(str(e.value)) < 300, str(e.value)[:400]

@@ -38,7 +38,7 @@ def _present(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _shown(value: Any, limit: int = 60) -> str:
+def shown(value: Any, limit: int = 60) -> str:
     """A client's value in a message, cut short: a rejection must not echo megabytes."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -52,7 +52,7 @@ def check_call(call: Any, type_: str | None) -> Rejection | None:
     if not (isinstance(t, str) and t in CALL_TYPES):  # a list or an object cannot even be looked up
         if t is None:
             return Rejection("missing_field", "type is required in a batch call", "type")
-        return Rejection("bad_type", f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {_shown(t)}", "type")
+        return Rejection("bad_type", f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {shown(t)}", "type")
     for key in OBJECT_KEYS:
         v = call.get(key)
         if v is not None and not isinstance(v, dict):
