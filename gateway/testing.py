@@ -47,6 +47,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+from gateway.units import shown
+
 if TYPE_CHECKING:
     from aiohttp import ClientResponse
     from aiohttp.test_utils import TestClient
@@ -74,11 +76,6 @@ SHUTDOWN_TIMEOUT = 1.0
 
 
 # -- waiting ----------------------------------------------------------------------
-
-def _shown(value: object, limit: int = 1500) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
 
 @overload
 async def wait_until(check: Callable[[], Awaitable[T]], *, what: str, timeout: float = 10.0,
@@ -115,7 +112,7 @@ async def wait_until(check: Callable[[], Any], *, what: str, timeout: float = 10
         left = deadline - time.monotonic()
         if left <= 0:
             saw = seen() if seen is not None else got
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; saw {_shown(saw)}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; saw {shown(saw, 1500)}")
         if event is None:
             await asyncio.sleep(min(poll, left))
         else:

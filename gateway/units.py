@@ -1,4 +1,4 @@
-"""Sizes and durations as people write them."""
+"""Sizes, durations and clients' values as people read them."""
 
 from __future__ import annotations
 
@@ -25,3 +25,10 @@ def human_duration(seconds: float) -> str:
             out.append(f"{rest // size}{unit}")
             rest %= size
     return "".join(out[:2])
+
+
+def shown(value: object, limit: int) -> str:
+    """``repr(value)``, cut at ``limit`` characters with how long it was: a
+    message that names a client's value (or what a test saw) stays short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"

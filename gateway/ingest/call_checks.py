@@ -10,6 +10,10 @@ from typing import Any
 import msgspec
 
 from gateway.events import CALL_TYPES, NEEDS_PERSON, OBJECT_KEYS
+from gateway.units import shown
+
+#: characters of a refused value a message shows: a rejection must not echo megabytes
+SHOWN = 60
 
 
 class Rejection(msgspec.Struct, omit_defaults=True):
@@ -38,12 +42,6 @@ def _present(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def shown(value: Any, limit: int = 60) -> str:
-    """A client's value in a message, cut short: a rejection must not echo megabytes."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def check_call(call: Any, type_: str | None) -> Rejection | None:
     """The seed's required fields (pipelines-vs-track-api.txt), plus shape checks."""
     if not isinstance(call, dict):
@@ -52,7 +50,8 @@ def check_call(call: Any, type_: str | None) -> Rejection | None:
     if not (isinstance(t, str) and t in CALL_TYPES):  # a list or an object cannot even be looked up
         if t is None:
             return Rejection("missing_field", "type is required in a batch call", "type")
-        return Rejection("bad_type", f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {shown(t)}", "type")
+        return Rejection("bad_type", f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {shown(t, SHOWN)}",
+                         "type")
     for key in OBJECT_KEYS:
         v = call.get(key)
         if v is not None and not isinstance(v, dict):

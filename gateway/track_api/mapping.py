@@ -17,11 +17,12 @@ from typing import Any, Callable, NoReturn
 
 import msgspec
 
-from gateway.ingest.call_checks import shown
+from gateway.ingest.call_checks import SHOWN
 from gateway.track_api.validation import (
     MAX_ID_BYTES, TrackError, attributes, event_data, event_name, identifier, obj, object_type_id, only_keys,
     unix_time,
 )
+from gateway.units import shown
 
 Call = dict[str, Any]
 
@@ -235,7 +236,8 @@ def _event_type(body: dict[str, Any]) -> str:
     if t is None:
         return "event"
     if t not in EVENT_TYPES:
-        raise TrackError("bad_field", f"type must be one of {', '.join(EVENT_TYPES)}; got {shown(t)}", "type")
+        raise TrackError("bad_field", f"type must be one of {', '.join(EVENT_TYPES)}; got {shown(t, SHOWN)}",
+                         "type")
     return str(t)
 
 
@@ -249,7 +251,8 @@ def _device(value: Any, where: str, token_key: str) -> tuple[str, str, str | Non
     if platform is None:
         _missing(f"{where}.platform")
     if platform not in PLATFORMS:
-        raise TrackError("bad_field", f"{where}.platform must be ios or android; got {shown(platform)}",
+        raise TrackError("bad_field", f"{where}.platform must be ios or android; "
+                         f"got {shown(platform, SHOWN)}",
                          f"{where}.platform")
     last_used = device.get("last_used")
     attrs = obj(device.get("attributes"), f"{where}.attributes")
@@ -296,7 +299,7 @@ def v1_identify(ref: str, body: dict[str, Any]) -> list[Call]:
         action = rels.get("action", "add_relationships")
         if action not in ("add_relationships", "delete_relationships"):
             raise TrackError("bad_field", "cio_relationships.action must be add_relationships or "
-                             f"delete_relationships; got {shown(action)}", "cio_relationships.action")
+                             f"delete_relationships; got {shown(action, SHOWN)}", "cio_relationships.action")
         for obj_ref, rel_attrs in _relationships_of_person(rels.get("relationships", []),
                                                            "cio_relationships.relationships"):
             if action == "add_relationships":
@@ -481,7 +484,8 @@ def _delivery_event(op: dict[str, Any]) -> list[Call]:
     if metric is None:
         _missing("name")
     if metric not in DELIVERY_METRICS:
-        raise TrackError("bad_field", f"name must be one of {', '.join(DELIVERY_METRICS)}; got {shown(metric)}", "name")
+        raise TrackError("bad_field", f"name must be one of {', '.join(DELIVERY_METRICS)}; "
+                         f"got {shown(metric, SHOWN)}", "name")
     attrs = dict(obj(op.get("attributes"), "attributes", required=True))
     properties: dict[str, Any] = {"deliveryId": delivery_id, "metric": metric}
     token = attrs.pop("device_token", None)
@@ -543,13 +547,14 @@ def v2_operation(op: Any) -> list[Call]:
         _missing("type")
     actions = V2_ACTIONS.get(type_) if isinstance(type_, str) else None
     if actions is None:
-        raise TrackError("bad_field", f"type must be one of {', '.join(V2_ACTIONS)}; got {shown(type_)}", "type")
+        raise TrackError("bad_field", f"type must be one of {', '.join(V2_ACTIONS)}; got {shown(type_, SHOWN)}",
+                         "type")
     action_name = op.get("action")
     if action_name is None:
         _missing("action")
     action = actions.get(action_name) if isinstance(action_name, str) else None
     if action is None:
-        raise TrackError("bad_field", f"action {shown(action_name)} is not an action of type {type_} "
+        raise TrackError("bad_field", f"action {shown(action_name, SHOWN)} is not an action of type {type_} "
                          f"(one of {', '.join(actions)})", "action")
     only_keys(op, ("type", "action", *action.keys))
     return action.build(op)
