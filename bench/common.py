@@ -34,10 +34,11 @@ CALL: dict[str, Any] = {
     "messageId": "MSGID", "timestamp": "2026-11-23T03:00:00.000Z", "sentAt": "2026-11-23T03:00:00.100Z",
 }
 
-#: the call shapes of issue 16's benchmark (``bench/run.py --shape``): a
-#: server-side track (~300 bytes: userId, event, a few properties with a
-#: nested list, context.library, timestamp) and a browser one (~1 KB:
-#: context.page, userAgent, library, campaign), each with a fresh messageId
+#: the call shapes of ``bench/run.py --shape``: issue 16's server-side track
+#: (~300 bytes: userId, event, a few properties with a nested list,
+#: context.library, timestamp) and browser one (~1 KB: context.page,
+#: userAgent, library, campaign), and the mobile CALL of the earlier figures;
+#: each with a fresh messageId
 SHAPES: dict[str, dict[str, Any]] = {
     "server": {
         "type": "track", "userId": "user-1234", "event": "Order Completed",
@@ -66,6 +67,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         },
         "messageId": "MSGID", "timestamp": "2026-11-23T03:00:00.000Z", "sentAt": "2026-11-23T03:00:00.100Z",
     },
+    "mobile": CALL,
 }
 
 
