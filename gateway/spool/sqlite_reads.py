@@ -58,13 +58,14 @@ def read_after(conn: sqlite3.Connection, after: int, limit: int, cache: SplitCac
                     # runs on the event loop for every call delivered).
                     take = parts[first:end]
                     sizes = list(map(len, take))
-                    if size + sum(sizes) >= max_bytes:  # the call that reaches max_bytes is the last
+                    taken = sum(sizes)
+                    if size + taken >= max_bytes:  # the call that reaches max_bytes is the last
                         end = first + next(i for i, total in enumerate(accumulate(sizes, initial=size))
                                             if total >= max_bytes)
                         take = parts[first:end]
-                        sizes = sizes[:end - first]
+                        taken = sum(sizes[:end - first])
                     out.extend(map(Record, range(base + first, base + end), repeat(source), repeat(received), take))
-                    size += sum(sizes)
+                    size += taken
                 if len(out) >= limit or size >= max_bytes:
                     break
             want = min(FETCH_ROWS, (limit - len(out)) * rows_seen // calls_seen + 1)
