@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -47,6 +47,20 @@ def _json(status: int, payload: object, headers: dict[str, str] | None = None) -
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Answer(NamedTuple):
+    """An ingest request's answer, whichever HTTP path it came by."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] | None = None
+    source: str | None = None  # for the CORS headers
+
+
+def strict_header(headers: Mapping[str, str]) -> bool:
+    # docs/pipelines-api.md, "Strict and lax": "1" is strict, any other value lax
+    return headers.get("X-Strict-Mode", "").strip() == "1"
+
+
 class Handlers:
     """Request handlers, with what they use bound once.
 
@@ -66,6 +80,7 @@ class Handlers:
         self.feed = app[state.ACTIVITY]
         self.pool = app[state.WORKERS]
         self.delivery = app[state.DELIVERY]
+        self.kinds = KINDS
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -90,66 +105,91 @@ class Handlers:
         return functools.partial(self.calls, kind=kind, endpoint=f"/v1/{kind}")
 
     async def calls(self, request: web.Request, *, kind: str, endpoint: str) -> web.StreamResponse:
-        """The ingest endpoints (the hot path: one coroutine, no middleware)."""
+        """The ingest endpoints through aiohttp (gateway/http_fast_path.py
+        answers most requests without it, through ``answer_calls``)."""
+        headers = request.headers
+        unread = False
         try:
-            resp = await self._calls(request, kind)
+            body = await read_body(request, self.ingest.body_limit(kind))
+        except RequestRejected as e:
+            unread = not request.content.is_eof()  # close rather than drain what is left
+            answer = self._refused(e, headers, request.remote, request.path)
+            self.counters.request(endpoint, answer.status)
         except Exception:
-            log.exception("error on POST %s", request.path)
-            resp = _json(500, error_body("internal", "internal error"))
-        origin = request.headers.get("Origin")
+            answer = self._internal(request.path)
+            self.counters.request(endpoint, answer.status)
+        else:
+            answer = await self.answer_calls(kind, endpoint, body, headers, request.remote, request.path)
+        resp = web.Response(status=answer.status, body=answer.body, content_type="application/json",
+                            headers=answer.headers)
+        if unread:
+            resp.force_close()
+        origin = headers.get("Origin")
         if origin:
-            resp.headers.update(self.cors.headers(origin, request.get(state.SOURCE)))
-        self.counters.request(endpoint, resp.status)
+            resp.headers.update(self.cors.headers(origin, answer.source))
         return resp
 
-    async def _calls(self, request: web.Request, kind: str) -> web.Response:
-        headers = request.headers
-        # docs/pipelines-api.md, "Strict and lax": "1" is strict, any other value lax
-        strict = headers.get("X-Strict-Mode", "").strip() == "1"
+    async def answer_calls(self, kind: str, endpoint: str, body: bytes, headers: Mapping[str, str],
+                           peer: str | None, path: str) -> Answer:
+        """A whole ingest request whose body is read, answered and counted (by
+        endpoint and status): the one definition both HTTP paths use."""
+        try:
+            answer = await self._calls(kind, body, headers, peer, path)
+        except Exception:
+            answer = self._internal(path)
+        self.counters.request(endpoint, answer.status)
+        return answer
+
+    @staticmethod
+    def _internal(path: str) -> Answer:
+        log.exception("error on POST %s", path)
+        return Answer(500, _encode(error_body("internal", "internal error")))
+
+    def _refused(self, e: RequestRejected, headers: Mapping[str, str], peer: str | None, path: str) -> Answer:
+        """A request refused as a whole (auth, JSON, size, encoding)."""
+        r = e.rejection
+        self.counters.bump(self.counters.rejected, r.reason)
+        # A source with strict: true is strict before its body is read; a
+        # key that matches no source (a 401 too) takes server.strict.
+        src = self.ingest.header_source(headers)
+        strict = strict_header(headers) or strict_for(self.cfg, src)
+        log.info("rejected %s request from %s: %s", path, peer, r.message)
+        if self.feed.watched:
+            self.feed.publish("rejected", source=src.name if src else None, reason=r.reason, field=r.field,
+                              message=r.message, status=e.status, mode="strict" if strict else "lax")
+        return Answer(e.status, _encode(rejection_body(r))) if strict else Answer(200, OK)
+
+    async def _calls(self, kind: str, body: bytes, headers: Mapping[str, str], peer: str | None,
+                     path: str) -> Answer:
         ingest = self.ingest
         try:
-            body = await read_body(request, ingest.body_limit(kind))
-            prepared = await self.intake.prepare(ingest.prepare, kind, body, headers, request.remote)
+            prepared = await self.intake.prepare(ingest.prepare, kind, body, headers, peer)
         except RequestRejected as e:
-            r = e.rejection
-            self.counters.bump(self.counters.rejected, r.reason)
-            # A source with strict: true is strict before its body is read; a
-            # key that matches no source (a 401 too) takes server.strict.
-            src = ingest.header_source(headers)
-            strict = strict or strict_for(self.cfg, src)
-            unread = not request.content.is_eof()  # close rather than drain what is left
-            log.info("rejected %s request from %s: %s", request.path, request.remote, r.message)
-            if self.feed.watched:
-                self.feed.publish("rejected", source=src.name if src else None, reason=r.reason, field=r.field,
-                                  message=r.message, status=e.status, mode="strict" if strict else "lax")
-            resp = _json(e.status, rejection_body(r)) if strict else web.Response(body=OK, content_type="application/json")
-            if unread:
-                resp.force_close()
-            return resp
+            return self._refused(e, headers, peer, path)
         source = prepared.source
-        request[state.SOURCE] = source.name
+        strict = False
         if prepared.rejections or self.feed.watched:  # strict or lax matters only then
-            strict = strict or strict_for(self.cfg, source)
+            strict = strict_header(headers) or strict_for(self.cfg, source)
         if prepared.rejections:
-            log.info("rejected %d call(s) on %s from %s: %s", len(prepared.rejections), request.path,
-                     request.remote, prepared.rejections[0].message)
+            log.info("rejected %d call(s) on %s from %s: %s", len(prepared.rejections), path,
+                     peer, prepared.rejections[0].message)
         try:
             await self.intake.store(prepared, "strict" if strict else "lax")
         except (SpoolFull, StorageFailed) as e:
             log.warning("503 for %d call(s): %s", len(prepared.rows), e)
-            return _json(503, error_body("overload", f"the gateway cannot store calls right now: {e}"),
-                         {"Retry-After": RETRY_AFTER})
+            return Answer(503, _encode(error_body("overload", f"the gateway cannot store calls right now: {e}")),
+                          {"Retry-After": RETRY_AFTER}, source.name)
         if strict and prepared.rejections:
             if kind in BATCH_PATHS:
                 n = len(prepared.rejections)
                 first = prepared.rejections[0]
-                return _json(400, error_body(
+                return Answer(400, _encode(error_body(
                     first.reason,
                     f"{n} call(s) of the batch were rejected; the others were stored. {first.field}: {first.message}",
                     accepted=len(prepared.rows),
-                    errors=[msgspec.to_builtins(r) for r in prepared.rejections]))
-            return _json(400, rejection_body(prepared.rejections[0]))
-        return web.Response(body=OK, content_type="application/json")
+                    errors=[msgspec.to_builtins(r) for r in prepared.rejections])), None, source.name)
+            return Answer(400, _encode(rejection_body(prepared.rejections[0])), None, source.name)
+        return Answer(200, OK, None, source.name)
 
     async def sdk_metrics(self, request: web.Request) -> web.Response:
         try:
@@ -259,7 +299,7 @@ def create_app(cfg: Config, *, pool: "WorkerPool | None" = None,
     app[state.INGEST_SHARE] = share = IngestShare(contended=delivery.behind)
     app[state.INTAKE] = Intake(share, spool, counters, feed)
     app[state.METRICS] = registry_for(counters, spool, delivery.workers)
-    handlers = Handlers(app)
+    app[state.HANDLERS] = handlers = Handlers(app)
     setup_routes(app, handlers)
     if any(s.kind == "track_api" for s in cfg.sources):
         from gateway.track_api.routes import setup_track_api_routes

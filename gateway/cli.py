@@ -104,10 +104,10 @@ def _print_json(obj: Any) -> None:
 
 
 def server_runner(app: "web.Application", cfg: Config) -> "web.AppRunner":
-    from aiohttp import web
+    from gateway.http_fast_path import GatewayRunner
 
     # lingering_time=0: a body refused before it was read is not drained.
-    return web.AppRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, lingering_time=0,
+    return GatewayRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, lingering_time=0,
                          access_log=logging.getLogger("aiohttp.access") if cfg.server.access_log else None)
 
 

@@ -32,6 +32,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     total = 0
     content = request.content
     try:
+        if size == 0:
+            return b""
         if size is not None and not encoding:
             # The usual case: the whole body is usually in the buffer already.
             try:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Mapping, N
     Sequence, TypeVar, overload
 
 import aiohttp
+import aiohttp.test_utils
 import msgspec
 import pytest
 import yaml
@@ -487,6 +488,16 @@ async def fake_destination(make_fake_destination: Callable[[], Awaitable[FakeDes
 
 # -- the app, in process ----------------------------------------------------------------
 
+class GatewayTestServer(aiohttp.test_utils.TestServer):
+    """aiohttp's TestServer serving ``app`` as ``gateway serve`` does (the
+    HTTP fast path first: gateway/http_fast_path.py)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        from gateway.http_fast_path import GatewayRunner
+
+        return GatewayRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def gateway_client(aiohttp_client: Any, tmp_path: Path) -> Callable[..., Awaitable[TestClient]]:
     """``await gateway_client(**config)``: an aiohttp test client of the real
@@ -496,8 +507,8 @@ def gateway_client(aiohttp_client: Any, tmp_path: Path) -> Callable[..., Awaitab
         from gateway import config as config_mod
         from gateway.app import create_app
 
-        client: TestClient = await aiohttp_client(create_app(config_mod.loads(gateway_config(tmp_path, yaml_text,
-                                                                                             **config))))
+        app = create_app(config_mod.loads(gateway_config(tmp_path, yaml_text, **config)))
+        client: TestClient = await aiohttp_client(GatewayTestServer(app))
         return client
     return make
 

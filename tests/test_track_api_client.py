@@ -13,6 +13,7 @@ destination writes must be the mapped Pipelines call(s) of each, in order.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import json
@@ -33,6 +34,7 @@ from customerio import CustomerIO, CustomerIOException, Regions
 from test_track_api_mapping import as_written, matches
 
 SITE_ID, API_KEY = "site-1", "key-1"
+WRITE_KEY = "tls-write-key"
 J = lambda ids, **extra: {"journeys": {"identifiers": ids}, **extra}  # noqa: E731
 
 
@@ -90,6 +92,8 @@ async def tls_gateway(gateway_process: Callable[..., Any], tmp_path: Path) -> tu
           - name: classic
             kind: track_api
             track_api: {{site_id: {SITE_ID}, api_key: {API_KEY}}}
+          - name: web
+            write_keys: [{WRITE_KEY}]
         """)
     return gw, cert, events
 
@@ -215,3 +219,33 @@ def test_the_certificate_is_really_checked(
         except (ConnectionResetError, socket.timeout):
             reply = b""
     assert not reply.startswith(b"HTTP/1.1 200")
+
+
+def test_pipelines_calls_over_tls_on_the_fast_path_then_through_aiohttp(
+        tls_gateway: tuple[Any, Path, Path], no_proxy: None) -> None:
+    """One TLS connection (docs/http-fast-path.md, "Connections"): a Pipelines
+    call answered on the fast path, a request it hands to aiohttp, then a call
+    aiohttp answers; both calls reach the destination."""
+    gw, ca, events = tls_gateway
+    auth = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+
+    def track(event: str) -> bytes:
+        body = json.dumps({"userId": "u1", "event": event}).encode()
+        return (f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", gw.port), 5) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.settimeout(10)
+        reader = tls.makefile("rb")
+        for data, want in ((track("Fast"), b'{}'), (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b'{"status":"ok"}'),
+                           (track("Through aiohttp"), b'{}')):
+            tls.sendall(data)
+            status = reader.readline()
+            length = 0
+            while (line := reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert (status, reader.read(length)) == (b"HTTP/1.1 200 OK\r\n", want)
+    assert [c["event"] for c in written(events, 2)] == ["Fast", "Through aiohttp"]
