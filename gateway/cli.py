@@ -107,7 +107,9 @@ def server_runner(app: "web.Application", cfg: Config) -> "web.AppRunner":
     from gateway.http_fast_path import GatewayRunner
 
     # lingering_time=0: a body refused before it was read is not drained.
-    return GatewayRunner(app, shutdown_timeout=cfg.server.shutdown_timeout, lingering_time=0,
+    # server.access_log: aiohttp writes the lines, so it answers every request (no fast path).
+    return GatewayRunner(app, fast_path=not cfg.server.access_log, shutdown_timeout=cfg.server.shutdown_timeout,
+                         lingering_time=0,
                          access_log=logging.getLogger("aiohttp.access") if cfg.server.access_log else None)
 
 

@@ -120,7 +120,7 @@ def response_head(status: int, length: int, date: bytes, headers: dict[str, str]
 class Connection(asyncio.Protocol):
     """One client connection, one request at a time, answered in order."""
 
-    __slots__ = ("fast", "transport", "peer", "chunks", "size", "task", "last", "paused", "done")
+    __slots__ = ("fast", "transport", "peer", "chunks", "size", "task", "last", "paused", "done", "eof")
 
     def __init__(self, fast: FastPath) -> None:
         self.fast = fast
@@ -132,6 +132,7 @@ class Connection(asyncio.Protocol):
         self.last = 0.0
         self.paused = False
         self.done = False  # closed, or handed to aiohttp
+        self.eof = False  # the client will send no more
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
@@ -151,7 +152,9 @@ class Connection(asyncio.Protocol):
         self.fast.connections.discard(self)
 
     def eof_received(self) -> bool | None:
-        return True if self.task is not None else None  # answer what was asked, then close
+        """Answer what was asked (whole), then close."""
+        self.eof = True
+        return True if self.task is not None else None
 
     def data_received(self, data: bytes) -> None:
         if self.done:
@@ -225,10 +228,15 @@ class Connection(asyncio.Protocol):
         if fast.closing or transport.is_closing():
             self.close()
             return
+        self._next()
+        if self.done:  # handed to aiohttp
+            return
+        if self.eof and self.task is None:
+            self.close()  # what is left (if anything) is not a whole request, and no more will come
+            return
         if self.paused and self.size <= fast.buffer_limit:
             self.paused = False
             transport.resume_reading()
-        self._next()
 
     def _hand_off(self, buf: bytes) -> None:
         """From here on aiohttp has the connection, and what was received."""
@@ -246,6 +254,8 @@ class Connection(asyncio.Protocol):
             transport.resume_reading()
         if buf:
             handler.data_received(buf)
+        if self.eof:
+            handler.eof_received()
 
 
 def _fields(block: bytes) -> CIMultiDictProxy[str] | None:
@@ -295,10 +305,18 @@ class FastServer:
 
 
 class GatewayRunner(web.AppRunner):
-    """The AppRunner of ``gateway serve`` (and of the test kit's servers)."""
+    """The AppRunner of ``gateway serve`` (and of the test kit's servers).
+    ``fast_path=False`` leaves every request to aiohttp (``server.access_log``:
+    aiohttp writes its lines)."""
+
+    def __init__(self, app: web.Application, *, fast_path: bool = True, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._fast_path = fast_path
 
     async def _make_server(self) -> web.Server:
         from gateway import app_state as state
 
         server = await super()._make_server()
+        if not self._fast_path:
+            return server
         return FastServer(server, self.app[state.HANDLERS])  # type: ignore[return-value]

@@ -275,3 +275,25 @@ async def test_shutdown_closes_idle_connections_and_answers_the_busy_one(pair: P
         idle_w.close()
         busy_w.close()
     assert [c["event"] for c in spool_calls(pair.fast_dir)] == ["Before", "During"]
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_its_answer(pair: Pair) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", pair.fast.port)
+    try:
+        writer.write(request(body=call("Then EOF")))
+        writer.write_eof()
+        assert (await asyncio.wait_for(read_reply(reader), 10)).status_line == b"HTTP/1.1 200 OK"
+        assert await asyncio.wait_for(reader.read(), 5) == b"", "closed once answered"
+    finally:
+        writer.close()
+    assert [c["event"] for c in spool_calls(pair.fast_dir)] == ["Then EOF"]
+
+
+async def test_with_server_access_log_aiohttp_answers_and_logs_every_request(gateway_process: Any) -> None:
+    """``server.access_log: true``: aiohttp writes the access log, so the
+    fast path stands aside and every request has its line."""
+    gw = await gateway_process(server={"access_log": True})
+    replies = await exchange(gw.port, request(body=call("A")) + request(body=call("B")), answers=2)
+    assert [r.status_line for r in replies] == [b"HTTP/1.1 200 OK"] * 2
+    await wait_until(lambda: gw.log_tail(20000).count('"POST /v1/track HTTP/1.1" 200') == 2,
+                     what="an access log line for each request", seen=lambda: gw.log_tail())
