@@ -254,8 +254,8 @@ class Connection(asyncio.Protocol):
             transport.resume_reading()
         if buf:
             handler.data_received(buf)
-        if self.eof:
-            handler.eof_received()
+        if self.eof:  # as aiohttp does at an end of input: it answers no more
+            transport.close()
 
 
 def _fields(block: bytes) -> CIMultiDictProxy[str] | None:
@@ -274,7 +274,10 @@ def _fields(block: bytes) -> CIMultiDictProxy[str] | None:
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:
-    """The one Content-Length, all digits; None sends the request to aiohttp."""
+    """The one Content-Length, all digits; None sends the request to aiohttp
+    (and so does a request without exactly one Host, which aiohttp refuses)."""
+    if len(headers.getall("Host", ())) != 1:
+        return None
     values = headers.getall("Content-Length", ())
     if len(values) != 1 or not values[0].isdigit() or not values[0].isascii():
         return None
