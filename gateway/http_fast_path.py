@@ -122,7 +122,7 @@ def response_head(status: int, length: int, date: bytes, headers: dict[str, str]
 class Connection(asyncio.Protocol):
     """One client connection, one request at a time, answered in order."""
 
-    __slots__ = ("fast", "transport", "peer", "chunks", "size", "task", "last", "paused", "done", "eof")
+    __slots__ = ("fast", "transport", "peer", "chunks", "size", "need", "task", "last", "paused", "done", "eof")
 
     def __init__(self, fast: FastPath) -> None:
         self.fast = fast
@@ -130,6 +130,7 @@ class Connection(asyncio.Protocol):
         self.peer: str | None = None
         self.chunks: list[bytes] = []
         self.size = 0
+        self.need = 0  # bytes the request begun in ``chunks`` needs, once its head was read
         self.task: asyncio.Task[None] | None = None
         self.last = 0.0
         self.paused = False
@@ -164,7 +165,7 @@ class Connection(asyncio.Protocol):
         self.chunks.append(data)
         self.size += len(data)
         self.last = asyncio.get_running_loop().time()
-        if self.task is None:
+        if self.task is None and self.size >= self.need:  # a body that is not whole is not joined again
             self._next()
         elif self.size > self.fast.buffer_limit and not self.paused:
             self.paused = True
@@ -204,7 +205,9 @@ class Connection(asyncio.Protocol):
         start = end + 4
         if len(buf) < start + length:
             self.chunks = [buf]
+            self.need = start + length
             return
+        self.need = 0
         body = buf[start:start + length]
         rest = buf[start + length:]
         self.chunks = [rest] if rest else []
