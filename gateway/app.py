@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Mapping
 
 import msgspec
 from aiohttp import web
@@ -20,6 +20,7 @@ from gateway.delivery import Delivery
 from gateway.errors import RETRY_AFTER, error_body, rejection_body
 from gateway.events import BATCH_PATHS, PATH_TYPES
 from gateway.http_body import read_body
+from gateway.http_fast_path import ENDPOINTS, Answer
 from gateway.ingest import Ingest
 from gateway.ingest.auth import ProxyTrust
 from gateway.ingest.call_checks import RequestRejected
@@ -47,15 +48,6 @@ def _json(status: int, payload: object, headers: dict[str, str] | None = None) -
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Answer(NamedTuple):
-    """An ingest request's answer, whichever HTTP path it came by."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] | None = None
-    source: str | None = None  # for the CORS headers
-
-
 def strict_header(headers: Mapping[str, str]) -> bool:
     # docs/pipelines-api.md, "Strict and lax": "1" is strict, any other value lax
     return headers.get("X-Strict-Mode", "").strip() == "1"
@@ -81,6 +73,9 @@ class Handlers:
         self.pool = app[state.WORKERS]
         self.delivery = app[state.DELIVERY]
         self.kinds = KINDS
+
+    def body_limit(self, kind: str) -> int:
+        return self.ingest.body_limit(kind)
 
     def observed(self, endpoint: str, handler: Handler) -> Handler:
         """Count the answer by endpoint and status; add CORS headers."""
@@ -110,7 +105,7 @@ class Handlers:
         headers = request.headers
         unread = False
         try:
-            body = await read_body(request, self.ingest.body_limit(kind))
+            body = await read_body(request, self.body_limit(kind))
         except RequestRejected as e:
             unread = not request.content.is_eof()  # close rather than drain what is left
             answer = self._refused(e, headers, request.remote, request.path)
@@ -299,7 +294,7 @@ def create_app(cfg: Config, *, pool: "WorkerPool | None" = None,
     app[state.INGEST_SHARE] = share = IngestShare(contended=delivery.behind)
     app[state.INTAKE] = Intake(share, spool, counters, feed)
     app[state.METRICS] = registry_for(counters, spool, delivery.workers)
-    app[state.HANDLERS] = handlers = Handlers(app)
+    app[ENDPOINTS] = handlers = Handlers(app)
     setup_routes(app, handlers)
     if any(s.kind == "track_api" for s in cfg.sources):
         from gateway.track_api.routes import setup_track_api_routes

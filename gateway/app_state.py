@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from gateway.activity import ActivityFeed
-    from gateway.app import Handlers
     from gateway.config import Config
     from gateway.delivery import Delivery
     from gateway.ingest import Ingest
@@ -34,8 +33,6 @@ METRICS: web.AppKey["CollectorRegistry"] = web.AppKey("metrics")
 INGEST_SHARE: web.AppKey["IngestShare"] = web.AppKey("ingest_share")
 ACTIVITY: web.AppKey["ActivityFeed"] = web.AppKey("activity")
 INTAKE: web.AppKey["Intake"] = web.AppKey("intake")
-#: the request handlers; the HTTP fast path answers ingest requests through them
-HANDLERS: web.AppKey["Handlers"] = web.AppKey("handlers")
 #: gateway serve --workers N: the first worker's pool of the others (None otherwise)
 WORKERS: web.AppKey["WorkerPool | None"] = web.AppKey("workers")
 #: gateway serve --workers N: set in the other workers, which only store calls

@@ -22,14 +22,36 @@ import http
 import re
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
-if TYPE_CHECKING:
-    from gateway.app import Answer, Handlers
+
+class Answer(NamedTuple):
+    """An ingest request's answer, whichever HTTP path it came by."""
+
+    status: int
+    body: bytes  # JSON
+    headers: dict[str, str] | None = None
+    source: str | None = None  # for the CORS headers
+
+
+class IngestEndpoints(Protocol):
+    """What answers the ingest endpoints (gateway/app.py's Handlers)."""
+
+    kinds: frozenset[str]
+
+    def body_limit(self, kind: str) -> int: ...
+
+    async def answer_calls(self, kind: str, endpoint: str, body: bytes, headers: Mapping[str, str],
+                           peer: str | None, path: str) -> Answer: ...
+
+
+#: the app's IngestEndpoints, which the fast path answers through
+ENDPOINTS: web.AppKey[IngestEndpoints] = web.AppKey("ingest_endpoints")
 
 #: a head this path reads: the request line and header fields of printable
 #: ASCII, names that are RFC 9110 tokens (nothing llhttp would refuse).  No
@@ -51,13 +73,12 @@ _SERVER = SERVER_SOFTWARE.encode()
 class FastPath:
     """One per listening socket: the protocol factory and the connections it made."""
 
-    def __init__(self, handlers: "Handlers", fallback: web.Server) -> None:
+    def __init__(self, handlers: IngestEndpoints, fallback: web.Server) -> None:
         self.handlers = handlers
         self.fallback = fallback
-        ingest = handlers.ingest
         #: path -> (kind, endpoint, body limit)
         self.paths: dict[bytes, tuple[str, str, int]] = {
-            f"/v1/{kind}".encode(): (kind, f"/v1/{kind}", ingest.body_limit(kind)) for kind in handlers.kinds}
+            f"/v1/{kind}".encode(): (kind, f"/v1/{kind}", handlers.body_limit(kind)) for kind in handlers.kinds}
         self.buffer_limit = 2 * max(limit for _, _, limit in self.paths.values()) + 65536
         self.connections: set[Connection] = set()
         self.served = 0  # requests answered here
@@ -221,7 +242,7 @@ class Connection(asyncio.Protocol):
                       path: str) -> None:
         fast = self.fast
         try:
-            answer: Answer = await fast.handlers.answer_calls(kind, endpoint, body, headers, self.peer, path)
+            answer = await fast.handlers.answer_calls(kind, endpoint, body, headers, self.peer, path)
         finally:
             self.task = None
         transport = self.transport
@@ -294,7 +315,7 @@ class FastServer:
     with), whose connections start on the fast path; aiohttp's shutdown
     (``pre_shutdown``, then ``shutdown``) closes both kinds."""
 
-    def __init__(self, server: web.Server, handlers: "Handlers") -> None:
+    def __init__(self, server: web.Server, handlers: IngestEndpoints) -> None:
         self.server = server
         self.fast = FastPath(handlers, server)
 
@@ -322,9 +343,7 @@ class GatewayRunner(web.AppRunner):
         self._fast_path = fast_path
 
     async def _make_server(self) -> web.Server:
-        from gateway import app_state as state
-
         server = await super()._make_server()
         if not self._fast_path:
             return server
-        return FastServer(server, self.app[state.HANDLERS])  # type: ignore[return-value]
+        return FastServer(server, self.app[ENDPOINTS])  # type: ignore[return-value]
