@@ -143,7 +143,8 @@ def response_head(status: int, length: int, date: bytes, headers: dict[str, str]
 class Connection(asyncio.Protocol):
     """One client connection, one request at a time, answered in order."""
 
-    __slots__ = ("fast", "transport", "peer", "chunks", "size", "need", "task", "last", "paused", "done", "eof")
+    __slots__ = ("fast", "transport", "peer", "chunks", "size", "need", "task", "last", "paused", "done", "eof",
+                 "held")
 
     def __init__(self, fast: FastPath) -> None:
         self.fast = fast
@@ -157,6 +158,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.done = False  # closed, or handed to aiohttp
         self.eof = False  # the client will send no more
+        self.held = False  # the client does not read its answers (pause_writing): no next request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
@@ -186,12 +188,22 @@ class Connection(asyncio.Protocol):
         self.chunks.append(data)
         self.size += len(data)
         self.last = asyncio.get_running_loop().time()
-        if self.task is None and self.size >= self.need:  # a body that is not whole is not joined again
+        if self.task is None and not self.held and self.size >= self.need:  # a body still coming is not joined again
             self._next()
-        elif self.size > self.fast.buffer_limit and not self.paused:
+        if self.size > self.fast.buffer_limit and not self.paused and not self.done:
             self.paused = True
             assert self.transport is not None
             self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        """The client is not reading its answers: answer no more until it does
+        (what it sends meanwhile is held, then not read, past the buffer limit)."""
+        self.held = True
+
+    def resume_writing(self) -> None:
+        self.held = False
+        if self.task is None and not self.done:
+            self._go_on()
 
     def close(self) -> None:
         if self.transport is not None and not self.done:
@@ -254,13 +266,20 @@ class Connection(asyncio.Protocol):
         if fast.closing or transport.is_closing():
             self.close()
             return
+        if not self.held:  # else resume_writing goes on
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """After an answer: the next request, or the end of the connection."""
         self._next()
         if self.done:  # handed to aiohttp
             return
+        transport = self.transport
+        assert transport is not None
         if self.eof and self.task is None:
             self.close()  # what is left (if anything) is not a whole request, and no more will come
             return
-        if self.paused and self.size <= fast.buffer_limit:
+        if self.paused and self.size <= self.fast.buffer_limit:
             self.paused = False
             transport.resume_reading()
 

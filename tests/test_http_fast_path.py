@@ -15,6 +15,7 @@ import asyncio
 import base64
 import gzip
 import random
+import socket
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -347,3 +348,35 @@ async def test_with_server_access_log_aiohttp_answers_and_logs_every_request(gat
     assert [r.status_line for r in replies] == [b"HTTP/1.1 200 OK"] * 2
     await wait_until(lambda: gw.log_tail(20000).count('"POST /v1/track HTTP/1.1" 200') == 2,
                      what="an access log line for each request", seen=lambda: gw.log_tail())
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_answered_further(pair: Pair) -> None:
+    """Write back-pressure: 20,000 pipelined requests (lax, refused: nothing
+    is stored) from a client that reads nothing for a second, with small
+    socket buffers on both sides.  The fast path stops taking requests once
+    its answers pile up (pause_writing) instead of holding them all in
+    memory; once the client reads, every request is answered, in order."""
+    n = 20_000
+    one = request(auth=False, body=b"{}")
+    fast = pair.fast.server.runner.server.fast
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", pair.fast.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        await wait_until(lambda: fast.connections, what="the server's side of the connection")
+        (conn,) = fast.connections
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer.write(one * n)
+        sending = asyncio.ensure_future(writer.drain())
+        await asyncio.sleep(1.0)
+        held, buffered = fast.served, conn.transport.get_write_buffer_size()
+        assert held < n and buffered < 256 * 1024, \
+            f"{held} requests answered, {buffered} bytes of answers held, while the client read nothing"
+        replies = [await asyncio.wait_for(read_reply(reader), 10) for _ in range(n)]
+        await asyncio.wait_for(sending, 10)
+    finally:
+        writer.close()
+    assert {r.status_line for r in replies} == {b"HTTP/1.1 200 OK"}
+    assert fast.served == n and fast.handed_off == 0
