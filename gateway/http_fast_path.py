@@ -21,8 +21,8 @@ import asyncio
 import http
 import re
 import time
-from email.utils import formatdate
 from collections.abc import Mapping
+from email.utils import formatdate
 from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
@@ -71,7 +71,7 @@ _SERVER = SERVER_SOFTWARE.encode()
 
 
 class FastPath:
-    """One per listening socket: the protocol factory and the connections it made."""
+    """One per server (every site of a runner): the protocol factory and the connections it made."""
 
     def __init__(self, handlers: IngestEndpoints, fallback: web.Server) -> None:
         self.handlers = handlers
