@@ -108,13 +108,13 @@ class Handlers:
             body = await read_body(request, self.body_limit(kind))
         except RequestRejected as e:
             unread = not request.content.is_eof()  # close rather than drain what is left
-            answer = self._refused(e, headers, request.remote, request.path)
+            answer = self._refused(e, headers, request.remote, endpoint)
             self.counters.request(endpoint, answer.status)
         except Exception:
-            answer = self._internal(request.path)
+            answer = self._internal(endpoint)
             self.counters.request(endpoint, answer.status)
         else:
-            answer = await self.answer_calls(kind, endpoint, body, headers, request.remote, request.path)
+            answer = await self.answer_calls(kind, endpoint, body, headers, request.remote)
         resp = web.Response(status=answer.status, body=answer.body, content_type="application/json",
                             headers=answer.headers)
         if unread:
@@ -125,13 +125,13 @@ class Handlers:
         return resp
 
     async def answer_calls(self, kind: str, endpoint: str, body: bytes, headers: Mapping[str, str],
-                           peer: str | None, path: str) -> Answer:
+                           peer: str | None) -> Answer:
         """A whole ingest request whose body is read, answered and counted (by
-        endpoint and status): the one definition both HTTP paths use."""
+        ``endpoint``, its path, and status): the one definition both HTTP paths use."""
         try:
-            answer = await self._calls(kind, body, headers, peer, path)
+            answer = await self._calls(kind, endpoint, body, headers, peer)
         except Exception:
-            answer = self._internal(path)
+            answer = self._internal(endpoint)
         self.counters.request(endpoint, answer.status)
         return answer
 
@@ -154,8 +154,8 @@ class Handlers:
                               message=r.message, status=e.status, mode="strict" if strict else "lax")
         return Answer(e.status, _encode(rejection_body(r))) if strict else Answer(200, OK)
 
-    async def _calls(self, kind: str, body: bytes, headers: Mapping[str, str], peer: str | None,
-                     path: str) -> Answer:
+    async def _calls(self, kind: str, path: str, body: bytes, headers: Mapping[str, str],
+                     peer: str | None) -> Answer:
         ingest = self.ingest
         try:
             prepared = await self.intake.prepare(ingest.prepare, kind, body, headers, peer)

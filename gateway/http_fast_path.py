@@ -47,7 +47,7 @@ class IngestEndpoints(Protocol):
     def body_limit(self, kind: str) -> int: ...
 
     async def answer_calls(self, kind: str, endpoint: str, body: bytes, headers: Mapping[str, str],
-                           peer: str | None, path: str) -> Answer: ...
+                           peer: str | None) -> Answer: ...
 
 
 #: the app's IngestEndpoints, which the fast path answers through
@@ -246,15 +246,13 @@ class Connection(asyncio.Protocol):
         self.chunks = [rest] if rest else []
         self.size = len(rest)
         kind, endpoint, _ = route
-        path = m.group(1).decode()
         self.fast.served += 1
-        self.task = asyncio.get_running_loop().create_task(self._answer(kind, endpoint, body, headers, path))
+        self.task = asyncio.get_running_loop().create_task(self._answer(kind, endpoint, body, headers))
 
-    async def _answer(self, kind: str, endpoint: str, body: bytes, headers: CIMultiDictProxy[str],
-                      path: str) -> None:
+    async def _answer(self, kind: str, endpoint: str, body: bytes, headers: CIMultiDictProxy[str]) -> None:
         fast = self.fast
         try:
-            answer = await fast.handlers.answer_calls(kind, endpoint, body, headers, self.peer, path)
+            answer = await fast.handlers.answer_calls(kind, endpoint, body, headers, self.peer)
         finally:
             self.task = None
         transport = self.transport
@@ -315,14 +313,14 @@ def _fields(block: bytes) -> CIMultiDictProxy[str] | None:
         if lower == b"connection" and value.lower() != b"keep-alive":
             return None  # close, upgrade, ...: aiohttp's
         pairs.append((name.decode("ascii"), value.decode("ascii")))
-    return CIMultiDictProxy(CIMultiDict(pairs))
+    fields = CIMultiDictProxy(CIMultiDict(pairs))
+    if len(fields.getall("Host", ())) != 1:
+        return None  # aiohttp refuses an HTTP/1.1 request without exactly one Host
+    return fields
 
 
 def _content_length(headers: CIMultiDictProxy[str]) -> int | None:
-    """The one Content-Length, all digits; None sends the request to aiohttp
-    (and so does a request without exactly one Host, which aiohttp refuses)."""
-    if len(headers.getall("Host", ())) != 1:
-        return None
+    """The one Content-Length, all digits; None sends the request to aiohttp."""
     values = headers.getall("Content-Length", ())
     if len(values) != 1 or not values[0].isdigit() or not values[0].isascii():
         return None
