@@ -27,7 +27,11 @@ def human_duration(seconds: float) -> str:
     return "".join(out[:2])
 
 
-def shown(value: object, limit: int) -> str:
+#: characters of a client's value that a refusal's message shows: it must not echo megabytes
+SHOWN = 60
+
+
+def shown(value: object, limit: int = SHOWN) -> str:
     """``repr(value)``, cut at ``limit`` characters with how long it was: a
     message that names a client's value (or what a test saw) stays short."""
     text = repr(value)

@@ -12,9 +12,6 @@ import msgspec
 from gateway.events import CALL_TYPES, NEEDS_PERSON, OBJECT_KEYS
 from gateway.units import shown
 
-#: characters of a refused value a message shows: a rejection must not echo megabytes
-SHOWN = 60
-
 
 class Rejection(msgspec.Struct, omit_defaults=True):
     """Why one call, or a whole request, was not stored."""
@@ -50,7 +47,7 @@ def check_call(call: Any, type_: str | None) -> Rejection | None:
     if not (isinstance(t, str) and t in CALL_TYPES):  # a list or an object cannot even be looked up
         if t is None:
             return Rejection("missing_field", "type is required in a batch call", "type")
-        return Rejection("bad_type", f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {shown(t, SHOWN)}",
+        return Rejection("bad_type", f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {shown(t)}",
                          "type")
     for key in OBJECT_KEYS:
         v = call.get(key)

@@ -17,7 +17,6 @@ from typing import Any, Callable, NoReturn
 
 import msgspec
 
-from gateway.ingest.call_checks import SHOWN
 from gateway.track_api.validation import (
     MAX_ID_BYTES, TrackError, attributes, event_data, event_name, identifier, obj, object_type_id, only_keys,
     unix_time,
@@ -236,7 +235,7 @@ def _event_type(body: dict[str, Any]) -> str:
     if t is None:
         return "event"
     if t not in EVENT_TYPES:
-        raise TrackError("bad_field", f"type must be one of {', '.join(EVENT_TYPES)}; got {shown(t, SHOWN)}",
+        raise TrackError("bad_field", f"type must be one of {', '.join(EVENT_TYPES)}; got {shown(t)}",
                          "type")
     return str(t)
 
@@ -252,7 +251,7 @@ def _device(value: Any, where: str, token_key: str) -> tuple[str, str, str | Non
         _missing(f"{where}.platform")
     if platform not in PLATFORMS:
         raise TrackError("bad_field", f"{where}.platform must be ios or android; "
-                         f"got {shown(platform, SHOWN)}",
+                         f"got {shown(platform)}",
                          f"{where}.platform")
     last_used = device.get("last_used")
     attrs = obj(device.get("attributes"), f"{where}.attributes")
@@ -299,7 +298,7 @@ def v1_identify(ref: str, body: dict[str, Any]) -> list[Call]:
         action = rels.get("action", "add_relationships")
         if action not in ("add_relationships", "delete_relationships"):
             raise TrackError("bad_field", "cio_relationships.action must be add_relationships or "
-                             f"delete_relationships; got {shown(action, SHOWN)}", "cio_relationships.action")
+                             f"delete_relationships; got {shown(action)}", "cio_relationships.action")
         for obj_ref, rel_attrs in _relationships_of_person(rels.get("relationships", []),
                                                            "cio_relationships.relationships"):
             if action == "add_relationships":
@@ -485,7 +484,7 @@ def _delivery_event(op: dict[str, Any]) -> list[Call]:
         _missing("name")
     if metric not in DELIVERY_METRICS:
         raise TrackError("bad_field", f"name must be one of {', '.join(DELIVERY_METRICS)}; "
-                         f"got {shown(metric, SHOWN)}", "name")
+                         f"got {shown(metric)}", "name")
     attrs = dict(obj(op.get("attributes"), "attributes", required=True))
     properties: dict[str, Any] = {"deliveryId": delivery_id, "metric": metric}
     token = attrs.pop("device_token", None)
@@ -547,14 +546,14 @@ def v2_operation(op: Any) -> list[Call]:
         _missing("type")
     actions = V2_ACTIONS.get(type_) if isinstance(type_, str) else None
     if actions is None:
-        raise TrackError("bad_field", f"type must be one of {', '.join(V2_ACTIONS)}; got {shown(type_, SHOWN)}",
+        raise TrackError("bad_field", f"type must be one of {', '.join(V2_ACTIONS)}; got {shown(type_)}",
                          "type")
     action_name = op.get("action")
     if action_name is None:
         _missing("action")
     action = actions.get(action_name) if isinstance(action_name, str) else None
     if action is None:
-        raise TrackError("bad_field", f"action {shown(action_name, SHOWN)} is not an action of type {type_} "
+        raise TrackError("bad_field", f"action {shown(action_name)} is not an action of type {type_} "
                          f"(one of {', '.join(actions)})", "action")
     only_keys(op, ("type", "action", *action.keys))
     return action.build(op)
