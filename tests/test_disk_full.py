@@ -94,7 +94,7 @@ async def test_a_full_disk_refuses_with_503_and_recovers_by_itself(gateway_proce
                 last["answer"] = f"{resp.status} {await resp.text()}"
             async with http.get(f"{gw.url}/metrics") as resp:  # what the refusal was judged on
                 last["spool"] = [line for line in (await resp.text()).splitlines()
-                                 if line.startswith(("gateway_spool_", "gateway_destination_queue"))
+                                 if line.startswith(("gateway_spool_", "gateway_destination_backlog"))
                                  and "_bucket" not in line]
             return last["answer"].startswith("200")
         await wait_until(accepts, what="ingest to accept calls again, without a restart", timeout=60, poll=0.5,
